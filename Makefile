@@ -1,0 +1,49 @@
+# mrcnn_edu — two commands: `make lab` opens the course, `make test` runs every test.
+# Both create .venv on first use and reinstall only when the dependency files change.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mrcnn_edu-installed
+# These exact versions are what the course is tested with (pip takes them from local disk on
+# the project's machines; elsewhere they come from PyPI).
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: setup lab test book clean help
+
+help:
+	@echo "make lab    set up (first time only) and open the course in JupyterLab"
+	@echo "make test   set up (first time only) and run the whole test suite"
+	@echo "make book   render executed HTML copies of the notebooks into book/"
+	@echo "make clean  remove the virtual environment and generated files"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || \
+		{ echo "mrcnn_edu needs Python >= 3.10 (PYTHON=$(PYTHON)); run e.g. make PYTHON=python3.11 test"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo ">>> installing mrcnn_edu and its dependencies into $(VENV) (first time: a few minutes)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIN) -e ".[dev]"
+	@touch $(STAMP)
+
+# JupyterLab refuses to run as root unless told; containers often run as root.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+
+lab: $(STAMP)
+	cd notebooks && ../$(BIN)/jupyter lab $(LAB_ARGS) 00_course_map.ipynb
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Executed HTML copies of every notebook in book/ (full mode unless MRCNN_EDU_FAST=1).
+book: $(STAMP)
+	mkdir -p book
+	$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=1800 \
+		--output-dir book notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) build *.egg-info mrcnn_edu.egg-info .pytest_cache data/cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -name .ipynb_checkpoints -type d -prune -exec rm -rf {} +

@@ -1,0 +1,64 @@
+"""Tests for mrcnn_edu.viz: every figure the notebooks and explorers draw."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # the test process only; never exported to notebook kernels
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from matplotlib.patches import FancyBboxPatch, Rectangle
+
+from mrcnn_edu import viz
+
+
+def _highlighted(fig):
+    ax = fig.axes[0]
+    return [p for p in ax.patches if isinstance(p, FancyBboxPatch) and p.get_facecolor()[:3]
+            == matplotlib.colors.to_rgb(viz.HIGHLIGHT)]
+
+
+@pytest.mark.parametrize("highlight, n", [(None, 0), (1, 1), ("03", 1), ("mask_head", 1), ([2, 3], 2), (9, 1)])
+def test_pipeline_highlights(highlight, n):
+    fig = viz.pipeline_figure(highlight)
+    assert len(_highlighted(fig)) == n
+    texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+    for word in ["Backbone", "RPN", "NMS", "RoIAlign", "Box head", "Mask head", "Training", "Case study"]:
+        assert word in texts
+    plt.close(fig)
+
+
+def test_pipeline_rejects_unknown_stage():
+    with pytest.raises(ValueError, match="highlight"):
+        viz.pipeline_figure("decoder")
+
+
+def test_boxes_and_masks_drawn():
+    fig, ax = plt.subplots()
+    viz.show_image(torch.rand(3, 20, 30), ax=ax)
+    viz.draw_boxes(ax, torch.tensor([[1.0, 2.0, 5.0, 9.0], [0, 0, 3, 3]]), labels=["a", "b"])
+    viz.overlay_masks(ax, torch.ones(2, 1, 20, 30))
+    rects = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(rects) == 2 and rects[0].get_width() == 4 and rects[0].get_height() == 7
+    assert len(ax.images) == 3
+    plt.close(fig)
+
+
+def test_show_image_rejects_bad_shape():
+    with pytest.raises(ValueError, match="image"):
+        viz.to_numpy_image(torch.rand(4, 4))
+
+
+def test_feature_maps_panels():
+    feats = {"p2": torch.rand(1, 8, 16, 16), "p3": torch.rand(1, 8, 8, 8)}
+    fig = viz.plot_feature_maps(feats, image=torch.rand(3, 64, 64))
+    assert len(fig.axes) == 3
+    assert "p3: 8×8" in fig.axes[2].get_title()
+    fig2 = viz.plot_feature_maps(feats, channel=3)
+    assert "channel 3" in fig2.axes[0].get_title()
+    torch.testing.assert_close(viz.feature_energy(feats["p3"]), feats["p3"][0].abs().mean(0))
+    with pytest.raises(ValueError, match="channel"):
+        viz.plot_feature_maps(feats, channel=8)
+    plt.close("all")
