@@ -163,8 +163,9 @@ def make_tile(
         gap = radius * rng.uniform(0.6, 1.2)
         pitch = 2 * radius + gap
         gw, gh = cols * pitch + gap, rows * pitch + gap
-        x0 = rng.uniform(-0.15 * gw, w - 0.85 * gw)  # groups may be cut by the tile border
-        y0 = rng.uniform(-0.15 * gh, h - 0.85 * gh)
+        # groups may be cut by the tile border; one larger than the tile is centred on it
+        x0 = rng.uniform(-0.15 * gw, w - 0.85 * gw) if gw <= w / 0.7 else (w - gw) / 2
+        y0 = rng.uniform(-0.15 * gh, h - 0.85 * gh) if gh <= h / 0.7 else (h - gh) / 2
         bund = (xx >= x0) & (xx <= x0 + gw) & (yy >= y0) & (yy <= y0 + gh)
         if (bund & occupied).any():
             continue

@@ -298,3 +298,57 @@ def plot_feature_maps(
         i += 1
     fig.tight_layout()
     return fig
+
+
+def fpn_diagram(ax=None):
+    """The Feature Pyramid Network as a picture: c2..c5 on the left, p2..p6 on the right.
+
+    Each map is drawn as a square whose side halves from level to level; arrows show the 1×1
+    lateral convs, the top-down ×2 upsampling with addition, and the 3×3 output convs.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 6.2))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(-0.9, 10.3)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ys = {2: 1.5, 3: 4.3, 4: 6.6, 5: 8.6}
+    sides = {2: 2.2, 3: 1.5, 4: 1.0, 5: 0.65}
+    cx, mx, px = 1.8, 6.0, 10.0  # column centres: c_k, merged, p_k
+
+    def square(x, y, side, face, text, text_dx=0.0):
+        ax.add_patch(Rectangle((x - side / 2, y - side / 2), side, side, facecolor=face,
+                               edgecolor="#44546a", linewidth=1.2, zorder=2))
+        ax.text(x + text_dx, y, text, ha="center", va="center", fontsize=10, zorder=3,
+                fontweight="bold")
+
+    def arrow(a, b, text=None, dx=0.0, dy=0.15, color="#44546a"):
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=13, linewidth=1.4,
+                                     color=color, zorder=1))
+        if text:
+            ax.text((a[0] + b[0]) / 2 + dx, (a[1] + b[1]) / 2 + dy, text, ha="center",
+                    va="bottom", fontsize=8.5, color=color, style="italic")
+
+    for k in (2, 3, 4, 5):
+        y, s = ys[k], sides[k]
+        square(cx, y, s, "#dfe8f2", f"c{k}")
+        ax.text(cx - s / 2 - 0.15, y, f"stride {2 ** k}\n{256 * 2 ** (k - 2)} ch", ha="right",
+                va="center", fontsize=8, color="#333")
+        square(mx, y, s, "#fde2c4", "+" if k < 5 else "")
+        square(px, y, s, HIGHLIGHT, f"p{k}")
+        arrow((cx + s / 2, y), (mx - s / 2, y), "1×1 lateral" if k == 2 else "1×1")
+        arrow((mx + s / 2, y), (px - s / 2, y), "3×3 output" if k == 2 else "3×3")
+        if k < 5:
+            arrow((mx, ys[k + 1] - sides[k + 1] / 2), (mx, y + s / 2),
+                  "×2 nearest\nupsample" if k == 4 else None, dx=0.95, dy=-0.35, color="#b35900")
+    # p6 from p5
+    y6 = 9.85
+    square(px, y6, 0.42, HIGHLIGHT, "")
+    ax.text(px + 0.4, y6, "p6", ha="left", va="center", fontsize=10, fontweight="bold")
+    arrow((px, ys[5] + sides[5] / 2), (px, y6 - 0.21))
+    ax.text(px - 0.3, (ys[5] + y6) / 2, "max-pool\nk=1, s=2", ha="right", va="center",
+            fontsize=8, color="#44546a", style="italic")
+    ax.text(cx, -0.45, "ResNet stages\n(bottom-up)", ha="center", va="center", fontsize=9.5)
+    ax.text(mx, -0.45, "top-down\nmerge", ha="center", va="center", fontsize=9.5, color="#b35900")
+    ax.text(px, -0.45, "pyramid: 256 ch\nat every level", ha="center", va="center", fontsize=9.5)
+    return ax.figure

@@ -45,3 +45,12 @@ def test_bad_arguments():
         oil_tanks.make_tile(8)
     with pytest.raises(ValueError, match="radius_range"):
         oil_tanks.make_tile(64, radius_range=(10, 5))
+
+
+@pytest.mark.parametrize("size", [16, 48, 128, (64, 200)])
+def test_any_seed_and_size_renders(size):
+    # groups wider than a small tile must not break the placement
+    for seed in range(25):
+        tile = oil_tanks.make_tile(size, seed=seed)
+        assert tile.image.shape[1:] == ((size, size) if isinstance(size, int) else size)
+        assert len(tile.tanks) == len(tile.target["boxes"])

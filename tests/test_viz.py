@@ -62,3 +62,12 @@ def test_feature_maps_panels():
     with pytest.raises(ValueError, match="channel"):
         viz.plot_feature_maps(feats, channel=8)
     plt.close("all")
+
+
+def test_fpn_diagram_labels_every_level():
+    fig = viz.fpn_diagram()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for name in ["c2", "c3", "c4", "c5", "p2", "p3", "p4", "p5", "p6"]:
+        assert name in texts, name
+    assert any("upsample" in t for t in texts)
+    plt.close(fig)
