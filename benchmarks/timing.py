@@ -37,6 +37,20 @@ def time_call(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> fl
     return statistics.median(times)
 
 
+def single_thread(fn: Callable[[], object]) -> Callable[[], object]:
+    """Run ``fn`` with one PyTorch thread (torchvision's CPU kernels are single-threaded)."""
+
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 def machine_line() -> str:
     cpu = platform.processor() or platform.machine()
     try:
