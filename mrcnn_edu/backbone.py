@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mrcnn_edu.utils import check_images, load_mapped_state_dict, load_state_dict_checked
+
 NORM_KINDS = ("frozen", "batch", "group")
 """Normalisation layers a ResNet can be built with (see :func:`make_norm`)."""
 
@@ -306,7 +308,7 @@ class ResNet(nn.Module):
             OrderedDict with ``c2`` (Tensor[N, C2, H/4, W/4]), ``c3`` (Tensor[N, C3, H/8, W/8]),
             ``c4`` (Tensor[N, C4, H/16, W/16]) and ``c5`` (Tensor[N, C5, H/32, W/32]).
         """
-        _check_images("x", x)
+        check_images("x", x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, 3, H, W) -> (N, stem, H/4, W/4)
         c2 = self.layer1(x)  # (N, C2, H/4, W/4)
         c3 = self.layer2(c2)  # (N, C3, H/8, W/8)
@@ -451,7 +453,7 @@ class BackboneWithFPN(nn.Module):
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         """images (Tensor[N, 3, H, W]) -> OrderedDict p2..p6, p_k: Tensor[N, out_channels, H/2^k, W/2^k]."""
-        _check_images("images", images)
+        check_images("images", images)
         return self.fpn(self.body(images))
 
 
@@ -487,7 +489,7 @@ def load_torchvision_resnet(model: ResNet, state_dict: Mapping[str, Tensor]) -> 
             mismatches). Nothing is loaded in that case.
     """
     trunk_state = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}
-    _load_state_dict_checked(model, trunk_state, "a torchvision ResNet")
+    load_state_dict_checked(model, trunk_state, "a torchvision ResNet")
 
 
 def torchvision_backbone_key_map(torchvision_key: str) -> str:
@@ -518,46 +520,8 @@ def load_torchvision_backbone(backbone: BackboneWithFPN, state_dict: Mapping[str
         ValueError: if the architectures do not match (lists missing/unexpected keys and shape
             mismatches). Nothing is loaded in that case.
     """
-    prefix = "backbone."
-    if any(key.startswith(prefix) for key in state_dict):
-        state_dict = {key.removeprefix(prefix): value
-                      for key, value in state_dict.items() if key.startswith(prefix)}
-    ours = {torchvision_backbone_key_map(key): value for key, value in state_dict.items()}
-    _load_state_dict_checked(backbone, ours, "a torchvision BackboneWithFPN")
-
-
-def _load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """``module.load_state_dict(state_dict)``, but check everything first and explain mismatches."""
-    expected = module.state_dict()
-    state_dict = dict(state_dict)
-    # `num_batches_tracked` counts BatchNorm2d updates; it is not a weight and FrozenBatchNorm2d
-    # has none, so it may be absent on either side.
-    for key in list(state_dict):
-        if key.endswith("num_batches_tracked") and key not in expected:
-            del state_dict[key]
-    for key, value in expected.items():
-        if key.endswith("num_batches_tracked") and key not in state_dict:
-            state_dict[key] = value
-
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    wrong_shape = [
-        f"{key}: {tuple(state_dict[key].shape)} instead of {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state_dict and state_dict[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        problems = []
-        for label, keys in [("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches", wrong_shape)]:
-            if keys:
-                more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
-                problems.append(f"{len(keys)} {label}, e.g. {keys[:5]}{more}")
-        raise ValueError(
-            f"state_dict from {source} does not match this {type(module).__name__} "
-            f"(different architecture or norm layer?): " + "; ".join(problems)
-        )
-    module.load_state_dict(state_dict)
+    load_mapped_state_dict(backbone, state_dict, "backbone.", torchvision_backbone_key_map,
+                           "a torchvision BackboneWithFPN")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,13 +624,3 @@ def _eval_mode(model: nn.Module):
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def _check_images(name: str, images) -> None:
-    """Images must be a float Tensor[N, 3, H, W]."""
-    if not isinstance(images, Tensor):
-        raise ValueError(f"{name} must be a float tensor of shape (N, 3, H, W), "
-                         f"got a {type(images).__name__} (stack a list of images with torch.stack)")
-    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor of shape (N, 3, H, W), "
-                         f"got shape {tuple(images.shape)} and dtype {images.dtype}")

@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -173,3 +173,71 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Text version of :func:`atomic_write_bytes` (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading state dicts (torchvision checkpoints into our modules) and input checks
+# --------------------------------------------------------------------------------------------
+
+
+def load_state_dict_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(state_dict)``, but check everything first and explain mismatches."""
+    expected = module.state_dict()
+    state_dict = dict(state_dict)
+    # `num_batches_tracked` counts BatchNorm2d updates; it is not a weight and FrozenBatchNorm2d
+    # has none, so it may be absent on either side.
+    for key in list(state_dict):
+        if key.endswith("num_batches_tracked") and key not in expected:
+            del state_dict[key]
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = value
+
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    wrong_shape = [
+        f"{key}: {tuple(state_dict[key].shape)} instead of {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and state_dict[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        for label, keys in [("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", wrong_shape)]:
+            if keys:
+                more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+                problems.append(f"{len(keys)} {label}, e.g. {keys[:5]}{more}")
+        raise ValueError(
+            f"state_dict from {source} does not match this {type(module).__name__} "
+            f"(different architecture or norm layer?): " + "; ".join(problems)
+        )
+    module.load_state_dict(state_dict)
+
+
+def load_mapped_state_dict(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    prefix: str,
+    key_map: Callable[[str], str],
+    source: str,
+) -> None:
+    """Load a torchvision (sub)module's state dict into ours, renaming keys with ``key_map``.
+
+    ``state_dict`` may be the submodule's own, or a whole model's whose keys for this submodule
+    start with ``prefix`` (e.g. ``"rpn."``); the model's other keys are then ignored.
+    """
+    if any(key.startswith(prefix) for key in state_dict):
+        state_dict = {key.removeprefix(prefix): value
+                      for key, value in state_dict.items() if key.startswith(prefix)}
+    ours = {key_map(key): value for key, value in state_dict.items()}
+    load_state_dict_checked(module, ours, source)
+
+
+def check_images(name: str, images) -> None:
+    """Images must be a float Tensor[N, 3, H, W]."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} must be a float tensor of shape (N, 3, H, W), "
+                         f"got a {type(images).__name__} (stack a list of images with torch.stack)")
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape (N, 3, H, W), "
+                         f"got shape {tuple(images.shape)} and dtype {images.dtype}")

@@ -1,13 +1,17 @@
-"""Tests for mrcnn_edu.boxes: box_area and box_iou equal torchvision's bit for bit; golden values; errors."""
+"""Tests for mrcnn_edu.boxes: box_area, box_iou, clipping and BoxCoder equal torchvision's bit for bit;
+golden values; round trips; errors."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torchvision
 from torch.testing import assert_close
+from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 
-from mrcnn_edu.boxes import box_area, box_iou
+from mrcnn_edu.boxes import BoxCoder, box_area, box_iou, clip_boxes_to_image, remove_small_boxes
 
 EXACT = dict(rtol=0, atol=0, equal_nan=True)
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,
@@ -155,5 +159,118 @@ def test_box_iou_matches_torchvision_on_cuda():
      r"boxes2: expected the dtype and device of boxes1 \(torch.float32, cpu\), got torch.float64, cpu"),
 ])
 def test_bad_input_raises_a_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# clip_boxes_to_image and remove_small_boxes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_clip_boxes_to_image_golden():
+    boxes = torch.tensor([
+        [10.0, 20, 30, 40],  # inside: unchanged
+        [-5, -8, 30, 40],  # sticks out top-left
+        [90, 40, 130, 70],  # sticks out right and bottom (image is 60 high, 120 wide)
+        [150, 80, 170, 90],  # entirely outside: collapses onto the corner, zero area
+    ])
+    expected = torch.tensor([[10.0, 20, 30, 40], [0, 0, 30, 40], [90, 40, 120, 60], [120, 60, 120, 60]])
+    assert_close(clip_boxes_to_image(boxes, (60, 120)), expected, **EXACT)
+
+
+@pytest.mark.parametrize("size", [(60, 120), (120, 60), (1, 1)])
+@pytest.mark.parametrize("shape", [(50, 4), (2, 25, 4), (0, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64], ids=str)
+def test_clip_boxes_to_image_matches_torchvision(size, shape, dtype):
+    g = torch.Generator().manual_seed(7)
+    boxes = (torch.randn(shape, generator=g) * 80 + 40).to(dtype)
+    ours = clip_boxes_to_image(boxes, size)
+    assert ours.shape == boxes.shape and ours.dtype == boxes.dtype
+    assert_close(ours, torchvision.ops.clip_boxes_to_image(boxes, size), **EXACT)
+
+
+def test_remove_small_boxes_golden_and_matches_torchvision():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 0.5, 10], [0, 0, 10, 0.999], [5, 5, 6, 6], [3, 3, 2, 9]])
+    assert remove_small_boxes(boxes, 1.0).tolist() == [0, 3]  # a side of exactly min_size is kept
+    assert remove_small_boxes(boxes, 1e-3).tolist() == [0, 1, 2, 3]  # the inverted box never
+    g = torch.Generator().manual_seed(8)
+    boxes = float_boxes(200, g, scale=4.0)
+    for min_size in [0.0, 1e-3, 0.5, 1.0, 3.0]:
+        assert torch.equal(remove_small_boxes(boxes, min_size), torchvision.ops.remove_small_boxes(boxes, min_size))
+    assert remove_small_boxes(torch.zeros(0, 4), 1.0).shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# BoxCoder: golden values, parity with torchvision, round trip
+# ---------------------------------------------------------------------------------------------
+
+
+def test_box_coder_golden():
+    anchor = torch.tensor([[0.0, 0, 10, 10]])  # centre (5, 5), 10 x 10
+    gt = torch.tensor([[5.0, 5, 15, 25]])  # centre (10, 15), 10 x 20
+    # dx = (10 - 5) / 10, dy = (15 - 5) / 10, dw = log(10 / 10), dh = log(20 / 10)
+    expected = torch.tensor([[0.5, 1.0, 0.0, math.log(2)]])
+    assert_close(BoxCoder().encode(gt, anchor), expected)
+    assert_close(BoxCoder().decode(expected, anchor), gt)
+    # the box head's weights scale the deltas: (10, 10, 5, 5)
+    assert_close(BoxCoder((10.0, 10.0, 5.0, 5.0)).encode(gt, anchor), expected * torch.tensor([10.0, 10, 5, 5]))
+    # zero deltas give back the anchor
+    assert_close(BoxCoder().decode(torch.zeros(1, 4), anchor), anchor, **EXACT)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0), (1 / 3, 0.7, 2.1, 1.3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_box_coder_matches_torchvision_bit_for_bit(weights, dtype):
+    g = torch.Generator().manual_seed(9)
+    gt, anchors = float_boxes(500, g, dtype, scale=300.0) + 1, float_boxes(500, g, dtype, scale=300.0) + 1
+    deltas = torch.randn(500, 4, generator=g, dtype=dtype) * 2
+    ours, theirs = BoxCoder(weights), TorchvisionBoxCoder(weights)
+    assert_close(ours.encode(gt, anchors), theirs.encode_single(gt, anchors), **EXACT)
+    assert_close(ours.decode(deltas, anchors), theirs.decode_single(deltas, anchors), **EXACT)
+    # huge dw, dh are clipped at log(1000 / 16) before exp, as in torchvision: finite boxes
+    deltas[:10, 2:] = 100.0
+    decoded = ours.decode(deltas, anchors)
+    assert torch.isfinite(decoded).all()
+    assert_close(decoded, theirs.decode_single(deltas, anchors), **EXACT)
+
+
+def test_box_coder_broadcasts_like_torchvision_class_specific_decoding():
+    # the box head decodes C class-specific deltas per proposal: torchvision takes (K, C*4) deltas
+    # with (K, 4) proposals; we take (K, C, 4) deltas with (K, 1, 4) proposals
+    g = torch.Generator().manual_seed(10)
+    proposals, deltas = float_boxes(40, g) + 1, torch.randn(40, 3 * 4, generator=g)
+    weights = (10.0, 10.0, 5.0, 5.0)
+    ours = BoxCoder(weights).decode(deltas.reshape(40, 3, 4), proposals[:, None, :])  # (K, C*4) -> (K, C, 4)
+    assert ours.shape == (40, 3, 4)
+    assert_close(ours.reshape(40, 12), TorchvisionBoxCoder(weights).decode_single(deltas, proposals), **EXACT)
+    # (N, T, 4) deltas of N images with (T, 4) anchors shared by all images
+    anchors, deltas = float_boxes(30, g) + 1, torch.randn(2, 30, 4, generator=g)
+    assert_close(BoxCoder().decode(deltas, anchors)[1], BoxCoder().decode(deltas[1], anchors), **EXACT)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_box_coder_round_trip(weights):
+    g = torch.Generator().manual_seed(11)
+    coder = BoxCoder(weights)
+    anchors = float_boxes(300, g, torch.float64, scale=200.0) + 1
+    # gt boxes at most 50 times larger or smaller than their anchor: below the exp clip
+    gt = coder.decode(torch.randn(300, 4, generator=g, dtype=torch.float64), anchors)
+    assert_close(coder.decode(coder.encode(gt, anchors), anchors), gt, rtol=0, atol=1e-9)
+    deltas = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    assert_close(coder.encode(coder.decode(deltas, anchors), anchors), deltas, rtol=0, atol=1e-9)
+    gt32, anchors32 = gt.float(), anchors.float()
+    assert_close(coder.decode(coder.encode(gt32, anchors32), anchors32), gt32, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: BoxCoder((1.0, 1.0, 1.0)), r"weights: expected four positive numbers"),
+    (lambda: BoxCoder((1.0, 0.0, 1.0, 1.0)), r"weights: expected four positive numbers"),
+    (lambda: BoxCoder().encode(torch.zeros(3, 5), torch.zeros(3, 4)), r"gt_boxes: .* got shape \(3, 5\)"),
+    (lambda: BoxCoder().decode(torch.zeros(3, 4), torch.zeros(3, 2)), r"anchors: .* got shape \(3, 2\)"),
+    (lambda: clip_boxes_to_image(torch.zeros(3, 3), (10, 10)), r"boxes: .* got shape \(3, 3\)"),
+    (lambda: remove_small_boxes(torch.zeros(2, 2, 4), 1.0), r"boxes: .* got shape \(2, 2, 4\)"),
+])
+def test_box_coder_and_clipping_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
