@@ -40,7 +40,7 @@ test: $(STAMP)
 # Executed HTML copies of every notebook in book/ (full mode unless MRCNN_EDU_FAST=1).
 book: $(STAMP)
 	mkdir -p book
-	$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=1800 \
+	MRCNN_EDU_BATCH=1 $(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=1800 \
 		--output-dir book notebooks/*.ipynb
 
 clean:

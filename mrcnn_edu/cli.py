@@ -89,6 +89,8 @@ def register_exercises(subparsers) -> None:
         "--notebooks", metavar="DIR", type=Path, default=None,
         help="folder of solution notebooks (default: ./notebooks if it exists, else the course's notebooks/)",
     )
+    b.add_argument("--force", action="store_true",
+                   help="overwrite student notebooks in OUT_DIR even if they contain work")
     b.set_defaults(func=run_exercises_build)
 
     g = actions.add_parser(
@@ -102,6 +104,9 @@ def register_exercises(subparsers) -> None:
                    help="time limit per cell in seconds (default: 600)")
     g.add_argument("--full", action="store_true",
                    help="run in full mode (default: fast mode, MRCNN_EDU_FAST=1)")
+    g.add_argument("--source", metavar="SOLUTION", type=Path, default=None,
+                   help="instructor's notebook whose check cells (with hidden tests) replace the "
+                        "submitted ones (default: the course notebook of the same name, if any)")
     g.set_defaults(func=run_exercises_grade)
 
     p.set_defaults(func=lambda args: _print_help(p))
@@ -117,7 +122,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _default_notebooks_dir() -> Path:
+def _default_notebooks_dir(required: bool = True) -> Path | None:
     local = Path("notebooks")
     if local.is_dir():
         return local
@@ -126,6 +131,8 @@ def _default_notebooks_dir() -> Path:
     root = repo_root()
     if root is not None:
         return root / "notebooks"
+    if not required:
+        return None
     raise UserError("no ./notebooks folder here and no course checkout found: pass --notebooks DIR")
 
 
@@ -133,9 +140,12 @@ def run_exercises_build(args: argparse.Namespace) -> int:
     from mrcnn_edu.exercises import build_student_versions
 
     src = args.notebooks if args.notebooks is not None else _default_notebooks_dir()
-    paths = build_student_versions(src, args.out_dir)
+    kept: list = []
+    paths = build_student_versions(src, args.out_dir, force=args.force, kept=kept)
     for path in paths:
         print(f"wrote {path}")
+    for path in kept:
+        print(f"kept  {path} (it has your work in it; --force overwrites it)")
     print(f"{len(paths)} student notebook{'s' if len(paths) != 1 else ''} built from {src} in {args.out_dir}")
     return EXIT_OK
 
@@ -148,7 +158,16 @@ def run_exercises_grade(args: argparse.Namespace) -> int:
     def announce() -> None:
         print(f"grading {args.notebook} ({mode}, time limit {args.timeout:g} s per cell) ...", flush=True)
 
-    results = grade_notebook(args.notebook, timeout=args.timeout, fast=not args.full, on_start=announce)
+    source = args.source
+    if source is None:  # the course's own solution notebook of the same name, when there is one
+        candidate = _default_notebooks_dir(required=False)
+        candidate = candidate / Path(args.notebook).name if candidate is not None else None
+        if candidate is not None and candidate.is_file() and candidate.resolve() != Path(args.notebook).resolve():
+            source = candidate
+    if source is not None:
+        print(f"check cells are taken from {source}")
+    results = grade_notebook(args.notebook, timeout=args.timeout, fast=not args.full, on_start=announce,
+                             source=source)
     print()
     print(format_grade_table(results))
     earned, possible = total_points(results)

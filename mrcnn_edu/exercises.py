@@ -292,12 +292,19 @@ def _notebook_text(nb: Any) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def build_student_versions(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+def build_student_versions(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    force: bool = False,
+    kept: list[Path] | None = None,
+) -> list[Path]:
     """Write the student version of every ``*.ipynb`` in ``src_dir`` to ``out_dir``.
 
     All notebooks are read and checked before anything is written, each file is written
     atomically, and building twice gives byte-identical files. Only notebooks are written.
-    Returns the written paths, sorted by name.
+    A student notebook already in ``out_dir`` that differs from a fresh build (the student has
+    worked in it) is kept, not overwritten, unless ``force``; such paths are appended to
+    ``kept``. Returns the written paths, sorted by name.
     """
     src, out = Path(src_dir), Path(out_dir)
     if not src.exists():
@@ -313,9 +320,15 @@ def build_student_versions(src_dir: str | os.PathLike, out_dir: str | os.PathLik
         raise UserError(f"{src} has no notebooks (*.ipynb)")
     built = [(out / p.name, _notebook_text(build_student_notebook(read_notebook(p), str(p)))) for p in sources]
     out.mkdir(parents=True, exist_ok=True)
+    written = []
     for path, text in built:
+        if not force and path.is_file() and path.read_text(encoding="utf-8") != text:
+            if kept is not None:
+                kept.append(path)
+            continue
         atomic_write_text(path, text)
-    return [path for path, _ in built]
+        written.append(path)
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +342,7 @@ def grade_notebook(
     fast: bool = True,
     *,
     on_start: Callable[[], None] | None = None,
+    source: str | os.PathLike | None = None,
 ) -> list[CellResult]:
     """Execute a (filled-in) notebook on a fresh kernel and grade its check cells.
 
@@ -341,6 +355,10 @@ def grade_notebook(
     ``on_start`` is called once the notebook has been read and checked, just before the kernel
     starts (the CLI prints its progress line there). Returns the results in notebook order;
     see :class:`CellResult`.
+
+    ``source`` names the instructor's (solution) notebook. Its check cells, hidden tests
+    included, then replace the submitted ones by ``grade_id`` — an edited or deleted check cell
+    cannot change the grade — and a check missing from the submission fails with 0 points.
     """
     path = Path(path)
     nb = read_notebook(path)
@@ -352,6 +370,7 @@ def grade_notebook(
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
+    missing = _restore_checks(run, source) if source is not None else []
     if on_start is not None:
         on_start()
     stopped, culprit = _execute(run, path, timeout, fast)
@@ -390,7 +409,25 @@ def grade_notebook(
             results.append(CellResult(label, kind, False, 0.0, 0.0, feedback, index))
         if failed and ran:
             last_failure = repr(label) if meta.get("grade_id") else label
+    for grade_id, points in missing:
+        results.append(CellResult(grade_id, "check", False, 0.0, points,
+                                  "this check cell is missing from the submitted notebook", -1))
     return results
+
+
+def _restore_checks(run: Any, source: str | os.PathLike) -> list[tuple[str, float]]:
+    """Put the instructor's check cells (by grade_id) into ``run``; return the missing ones."""
+    reference = read_notebook(Path(source))
+    checks = {_nbgrader(c)["grade_id"]: c for c in reference.cells
+              if _nbgrader(c).get("grade") and not _nbgrader(c).get("solution")}
+    present = set()
+    for cell in run.cells:
+        grade_id = _nbgrader(cell).get("grade_id")
+        if grade_id in checks:
+            cell.source = checks[grade_id].source
+            cell.metadata["nbgrader"] = copy.deepcopy(_nbgrader(checks[grade_id]))
+            present.add(grade_id)
+    return [(gid, float(_nbgrader(c).get("points", 0))) for gid, c in checks.items() if gid not in present]
 
 
 def total_points(results: list[CellResult]) -> tuple[float, float]:
@@ -424,6 +461,7 @@ def _execute(nb: Any, path: Path, timeout: float, fast: bool) -> tuple[str | Non
     except ImportError as err:
         raise UserError(f"grading needs nbclient and ipykernel ({err}); install them with pip install 'mrcnn_edu[dev]'") from None
     env = dict(os.environ)
+    env["MRCNN_EDU_BATCH"] = "1"  # no front-end: explorers draw once (mrcnn_edu.viz.batch_mode)
     if fast:
         env[FAST_ENV_VAR] = "1"
     else:

@@ -39,7 +39,7 @@ class Stage:
 _TOP, _BOTTOM = 4.5, 1.6
 STAGES: tuple[Stage, ...] = (
     Stage("image", "", "Image", "3×H×W in [0, 1]", (1.4, _TOP)),
-    Stage("backbone", "01", "Backbone + FPN", "ResNet → P2…P6\nstrides 4…64", (5.2, _TOP)),
+    Stage("backbone", "01", "Backbone + FPN", "ResNet → p2…p6\nstrides 4…64", (5.2, _TOP)),
     Stage("rpn", "02", "Anchors + RPN", "objectness and\nbox deltas per anchor", (9.0, _TOP)),
     Stage("nms", "03", "NMS", "~1000 proposals\nper image", (12.8, _TOP)),
     Stage("roi", "04", "RoIAlign", "each box → 7×7\n(14×14 for masks)", (5.2, _BOTTOM)),
@@ -98,7 +98,7 @@ def pipeline_figure(highlight=None, ax=None, title: str | None = None):
     else:
         fig = ax.figure
     ax.set_xlim(0, 18.0)
-    ax.set_ylim(0.5, 5.9)
+    ax.set_ylim(-0.35, 5.9)
     ax.set_aspect("equal")
     ax.axis("off")
 
@@ -167,6 +167,9 @@ def pipeline_figure(highlight=None, ax=None, title: str | None = None):
     arrow((pos["roi"][0] + half, bottom), (pos["box_head"][0] - half, bottom), "RoI features")
     arrow((pos["box_head"][0] + half, bottom), (pos["mask_head"][0] - half, bottom), "detections")
     arrow((pos["mask_head"][0] + half, bottom), (pos["output"][0] - half, bottom), "masks")
+    # RoIAlign also crops 14×14 features of every detection for the mask head
+    arrow((pos["roi"][0] + 0.3, _BOTTOM - h / 2), (pos["mask_head"][0] - 0.3, _BOTTOM - h / 2),
+          "14×14 crops of the detections", text_offset=(0, -0.62), rad=0.25)
 
     if title:
         ax.set_title(title, fontsize=13)
@@ -339,6 +342,8 @@ def fpn_diagram(ax=None):
         arrow((cx + s / 2, y), (mx - s / 2, y), "1×1 lateral" if k == 2 else "1×1")
         arrow((mx + s / 2, y), (px - s / 2, y), "3×3 output" if k == 2 else "3×3")
         if k < 5:
+            arrow((cx, y + s / 2), (cx, ys[k + 1] - sides[k + 1] / 2),
+                  "bottom-up\n(ResNet stage)" if k == 2 else None, dx=-0.9, dy=-0.35)
             arrow((mx, ys[k + 1] - sides[k + 1] / 2), (mx, y + s / 2),
                   "×2 nearest\nupsample" if k == 4 else None, dx=0.95, dy=-0.35, color="#b35900")
     # p6 from p5
@@ -352,3 +357,46 @@ def fpn_diagram(ax=None):
     ax.text(mx, -0.45, "top-down\nmerge", ha="center", va="center", fontsize=9.5, color="#b35900")
     ax.text(px, -0.45, "pyramid: 256 ch\nat every level", ha="center", va="center", fontsize=9.5)
     return ax.figure
+
+
+# --------------------------------------------------------------------------------------------
+# Explorers
+# --------------------------------------------------------------------------------------------
+
+BATCH_ENV_VAR = "MRCNN_EDU_BATCH"
+
+
+def batch_mode() -> bool:
+    """True when notebooks run without a front-end (tests, grading, ``make book``).
+
+    Set ``MRCNN_EDU_BATCH=1`` for such runs. ipywidgets' ``interact`` relies on an Output widget
+    that only a live front-end handles; executed headless it can deadlock the executor
+    (jupyter/nbclient#312, jupyter/nbconvert#2029), so explorers then draw once instead.
+    """
+    import os
+
+    return os.environ.get(BATCH_ENV_VAR, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def explore(_explore_fn=None, **controls):
+    """``ipywidgets.interact`` for the course's explorers, safe to execute headless.
+
+    Use it exactly like ``interact``: ``viz.explore(draw, size=(8, 64), level=["p2", "p3"])``
+    or as a decorator ``@viz.explore(size=(8, 64))``. In JupyterLab it returns interact's
+    widget. In batch mode (:func:`batch_mode`) it builds the same controls, calls the function
+    once with their initial values (so the figure still appears in executed copies) and says so.
+    """
+    if _explore_fn is None:
+        return lambda fn: explore(fn, **controls)
+    import ipywidgets as widgets
+
+    if not batch_mode():
+        return widgets.interact(_explore_fn, **controls)
+    # manual=True builds the controls without running the function inside an Output widget
+    panel = widgets.interactive(_explore_fn, {"manual": True}, **controls)
+    kwargs = {w._kwarg: w.get_interact_value() for w in panel.kwargs_widgets}
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    print(f"[explorer drawn once with {shown}; run the notebook in JupyterLab to move the controls]")
+    result = _explore_fn(**kwargs)
+    panel.close()
+    return result

@@ -20,6 +20,8 @@ NOTEBOOKS = REPO / "notebooks"
 _TORCH_HOME = Path(tempfile.mkdtemp(prefix="mrcnn_edu_torch_home_"))
 os.environ["TORCH_HOME"] = str(_TORCH_HOME)
 os.environ["MRCNN_EDU_FAST"] = "1"
+# No front-end: explorers draw once instead of running ipywidgets.interact (see viz.batch_mode).
+os.environ["MRCNN_EDU_BATCH"] = "1"
 # Generated data goes to a per-run cache so tests never see a developer's cache.
 os.environ.setdefault("MRCNN_EDU_CACHE", tempfile.mkdtemp(prefix="mrcnn_edu_cache_"))
 # Two cores: keep each process (and each notebook kernel) from oversubscribing them.

@@ -163,7 +163,7 @@ def test_subcommands_are_pluggable():
 def test_file_system_errors_are_one_line(tmp_path, capsys, monkeypatch):
     import mrcnn_edu.exercises as exercises
 
-    def refuse(src, out):
+    def refuse(src, out, **kwargs):
         raise PermissionError(13, "Permission denied", str(out))
 
     monkeypatch.setattr(exercises, "build_student_versions", refuse)

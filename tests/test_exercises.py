@@ -228,3 +228,39 @@ def test_feedback_for_plain_errors():
     error = {"ename": "ExerciseCheckError", "evalue": "✘ f: wrong\nHint: h", "traceback": ["✘ f: wrong", "Hint: h"]}
     assert exercises._feedback(error, 60) == "✘ f: wrong\nHint: h"
     assert exercises._feedback({"ename": "NotImplementedError", "evalue": ""}, 60).startswith("not implemented yet")
+
+
+
+def test_rebuild_keeps_student_work_unless_forced(tmp_path):
+    src = fx.write(fx.solution_notebook(), tmp_path / "src" / "01_tiny.ipynb")
+    (student,) = exercises.build_student_versions(src.parent, tmp_path / "out")
+    fresh = student.read_text()
+    worked = fresh.replace("raise NotImplementedError()", "return a + b", 1)
+    assert worked != fresh
+    student.write_text(worked)
+    kept = []
+    assert exercises.build_student_versions(src.parent, tmp_path / "out", kept=kept) == []
+    assert kept == [student] and student.read_text() == worked, "a rebuild erased the student's work"
+    assert exercises.build_student_versions(src.parent, tmp_path / "out", force=True) == [student]
+    assert student.read_text() == fresh
+
+
+def test_grading_with_source_restores_tampered_and_missing_checks(tmp_path):
+    src = fx.write(fx.solution_notebook(), tmp_path / "src" / "01_tiny.ipynb")
+    (student,) = exercises.build_student_versions(src.parent, tmp_path / "out")
+    nb = nbformat.read(student, as_version=4)
+    checks = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade")]
+    assert len(checks) >= 2
+    checks[0].source = "print('ok')"  # a check the student tampered with
+    nb.cells.remove(checks[1])  # and one deleted
+    nbformat.write(nb, student)
+    naive = exercises.grade_notebook(student, timeout=120)
+    assert any(r.kind == "check" and r.passed for r in naive), "the tampered check passes without --source"
+    results = exercises.grade_notebook(student, timeout=120, source=src)
+    graded = [r for r in results if r.kind == "check"]
+    assert graded and not any(r.passed for r in graded)
+    assert any("missing" in r.feedback for r in graded)
+    earned, possible = exercises.total_points(results)
+    assert earned == 0 and possible == sum(
+        c.metadata["nbgrader"]["points"] for c in nbformat.read(src, as_version=4).cells
+        if c.metadata.get("nbgrader", {}).get("grade"))

@@ -49,6 +49,8 @@ def test_kernel_and_no_path_hacks(path: Path):
         src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
         assert "sys.path" not in src, f"{path.name}: notebooks import the installed package, no sys.path hacks"
         assert "MPLBACKEND" not in src, f"{path.name}: never set MPLBACKEND in a kernel"
+        assert "widgets.interact(" not in src and "@interact" not in src, (
+            f"{path.name}: use viz.explore (safe headless) instead of ipywidgets.interact")
 
 
 STAGE_SECTIONS = ["Goals", "Exercise", "Quiz", "Summary"]
@@ -65,7 +67,7 @@ def test_stage_notebook_follows_template(path: Path):
     assert not missing, f"{path.name}: template sections missing: {missing}"
     code = " ".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert "torchvision" in code, f"{path.name}: every stage is compared with torchvision"
-    assert "ipywidgets" in code or "interact" in code, f"{path.name}: needs an ipywidgets explorer"
+    assert "viz.explore(" in code, f"{path.name}: needs an ipywidgets explorer (viz.explore)"
     assert "pipeline_figure" in code, f"{path.name}: show the pipeline map with this stage highlighted"
 
 

@@ -71,3 +71,29 @@ def test_fpn_diagram_labels_every_level():
         assert name in texts, name
     assert any("upsample" in t for t in texts)
     plt.close(fig)
+
+
+def test_explore_interactive_and_batch(monkeypatch, capsys):
+    import ipywidgets as widgets
+
+    calls = []
+
+    def draw(size=3, level="p2", show=True):
+        calls.append((size, level, show))
+
+    monkeypatch.setenv("MRCNN_EDU_BATCH", "0")
+    w = viz.explore(draw, size=(2, 10), level=["p3", "p4"], show=widgets.Checkbox(value=False))
+    assert isinstance(w, widgets.interactive) or callable(w)
+    assert calls and calls[-1] == (3, "p3", False)  # interact ran it once with the initial values
+    monkeypatch.setenv("MRCNN_EDU_BATCH", "1")
+    calls.clear()
+    viz.explore(draw, size=(2, 10), level=["p3", "p4"], show=widgets.Checkbox(value=False))
+    assert calls == [(3, "p3", False)]
+    assert "explorer drawn once" in capsys.readouterr().out
+    calls.clear()
+
+    @viz.explore(size=widgets.IntSlider(value=5, min=1, max=9))
+    def decorated(size):
+        calls.append(size)
+
+    assert calls == [5]
