@@ -155,12 +155,26 @@ def check_function(
         except Exception as err:  # noqa: BLE001 - any error in student code becomes feedback
             raise _function_raised(name, err, i, n, reference, args, kwargs, hint) from err
         problems: list[tuple[str, str]] = []
-        _compare(got, expected, "", False, rtol, atol, problems)
+        # integer results (counts, shapes, indices) must match exactly, not within a tolerance
+        _compare(got, expected, "", _is_integral(expected), rtol, atol, problems)
         if problems:
             inputs = _describe_case(reference, args, kwargs)
             raise ExerciseCheckError(_message(name, problems, hint, context=f"wrong result for case {i} of {n}",
                                               notes=[f"inputs: {inputs}"] if inputs else []))
     print(f"✔ {name}: all {n} cases match the reference" if n != 1 else f"✔ {name}: the case matches the reference")
+
+
+def _is_integral(x: Any) -> bool:
+    """True for ints, integer/bool tensors and (nested) tuples/lists/dicts of only those."""
+    if isinstance(x, (bool, int)):
+        return True
+    if isinstance(x, torch.Tensor):
+        return not x.is_floating_point() and not x.is_complex()
+    if isinstance(x, (tuple, list)) and x:
+        return all(_is_integral(v) for v in x)
+    if isinstance(x, dict) and x:
+        return all(_is_integral(v) for v in x.values())
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

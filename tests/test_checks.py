@@ -270,3 +270,13 @@ def test_render_traceback_is_just_the_feedback():
 
 def test_module_exports():
     assert set(checks.__all__) == {"ExerciseCheckError", "check_close", "check_equal", "check_function"}
+
+
+def test_integer_results_are_compared_exactly():
+    import math
+
+    with pytest.raises(checks.ExerciseCheckError, match=r"expected \(2, 3\), got \(2.0, 3.0\)"):
+        checks.check_function(lambda h, w: (h / 4, w / 4), lambda h, w: (math.ceil(h / 4), math.ceil(w / 4)),
+                              [(8, 12)], name="shape")
+    checks.check_function(lambda h, w: (h // 4, w // 4), lambda h, w: (math.ceil(h / 4), math.ceil(w / 4)),
+                          [(8, 12)], name="shape")
