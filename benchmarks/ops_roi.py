@@ -56,31 +56,26 @@ def cases() -> list[Case]:
     shape = f"{NUM_BOXES} boxes, 1x{CHANNELS}x{size}x{size}"
     result = []
 
-    for out in (7, 14):
-        upstream = torch.randn(NUM_BOXES, CHANNELS, out, out, generator=g)
-        for ratio in (2, -1):
-            args = (rois, out, scale, ratio)
-            name = f"{shape}, {out}x{out}, sampling_ratio={ratio}"
-            ours = lambda args=args: roi_ops.roi_align(feature, *args)  # noqa: E731
-            result.append(Case("roi_align fwd", name,
-                               {"vectorised": ours, "vectorised, 1 thread": single_thread(ours)},
-                               lambda args=args: torchvision.ops.roi_align(feature, *args), repeats=5))
-            result.append(Case("roi_align fwd+bwd", name,
-                               {"vectorised": forward_backward(roi_ops.roi_align, feature, upstream, *args)},
-                               forward_backward(torchvision.ops.roi_align, feature, upstream, *args),
-                               repeats=5))
+    def forward_and_backward_cases(op: str, ours_op, theirs_op, args: tuple, name: str, upstream) -> list[Case]:
+        ours = lambda: ours_op(feature, *args)  # noqa: E731
+        return [
+            Case(f"{op} fwd", name, {"vectorised": ours, "vectorised, 1 thread": single_thread(ours)},
+                 lambda: theirs_op(feature, *args), repeats=5),
+            Case(f"{op} fwd+bwd", name, {"vectorised": forward_backward(ours_op, feature, upstream, *args)},
+                 forward_backward(theirs_op, feature, upstream, *args), repeats=5),
+        ]
 
     for out in (7, 14):
         upstream = torch.randn(NUM_BOXES, CHANNELS, out, out, generator=g)
-        args = (rois, out, scale)
-        name = f"{shape}, {out}x{out}"
-        ours = lambda args=args: roi_ops.roi_pool(feature, *args)  # noqa: E731
-        result.append(Case("roi_pool fwd", name,
-                           {"vectorised": ours, "vectorised, 1 thread": single_thread(ours)},
-                           lambda args=args: torchvision.ops.roi_pool(feature, *args), repeats=5))
-        result.append(Case("roi_pool fwd+bwd", name,
-                           {"vectorised": forward_backward(roi_ops.roi_pool, feature, upstream, *args)},
-                           forward_backward(torchvision.ops.roi_pool, feature, upstream, *args), repeats=5))
+        for ratio in (2, -1):
+            result += forward_and_backward_cases("roi_align", roi_ops.roi_align, torchvision.ops.roi_align,
+                                                 (rois, out, scale, ratio),
+                                                 f"{shape}, {out}x{out}, sampling_ratio={ratio}", upstream)
+
+    for out in (7, 14):
+        upstream = torch.randn(NUM_BOXES, CHANNELS, out, out, generator=g)
+        result += forward_and_backward_cases("roi_pool", roi_ops.roi_pool, torchvision.ops.roi_pool,
+                                             (rois, out, scale), f"{shape}, {out}x{out}", upstream)
 
     # MultiScaleRoIAlign over P2-P5 of a batch of 2 images (800 x 800 and 800 x 608), as the box head uses it
     image_sizes = [(IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE, 608)]

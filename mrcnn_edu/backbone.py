@@ -330,13 +330,19 @@ def resnet18(norm: str = "frozen", trainable_layers: int = 3) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], norm=norm, trainable_layers=trainable_layers)
 
 
-def resnet_small(norm: str = "batch", trainable_layers: int = 5) -> ResNet:
+SMALL_WIDTHS = (32, 64, 128, 256)
+"""Stage widths of :func:`resnet_small` unless told otherwise."""
+
+
+def resnet_small(norm: str = "batch", trainable_layers: int = 5,
+                 widths: tuple[int, int, int, int] = SMALL_WIDTHS) -> ResNet:
     """A small CPU-friendly trunk for training from scratch: BasicBlock, one block per stage.
 
-    c2..c5 have 32, 64, 128, 256 channels; about 1.2 M parameters (5 MB), same strides as
-    ResNet-50. Trainable batch norm by default, since there are no pretrained weights for it.
+    c2..c5 have ``widths`` channels (default 32, 64, 128, 256: about 1.2 M parameters, 5 MB) and
+    the stem ``widths[0]``; same strides as ResNet-50. Trainable batch norm by default, since
+    there are no pretrained weights for it.
     """
-    return ResNet(BasicBlock, [1, 1, 1, 1], widths=(32, 64, 128, 256), stem_width=32,
+    return ResNet(BasicBlock, [1, 1, 1, 1], widths=tuple(widths), stem_width=widths[0],
                   norm=norm, trainable_layers=trainable_layers)
 
 
@@ -467,9 +473,11 @@ def resnet50_fpn(
     return BackboneWithFPN(body, fpn)
 
 
-def small_fpn(out_channels: int = 64, norm: str = "batch", trainable_layers: int = 5) -> BackboneWithFPN:
-    """:func:`resnet_small` + FPN with ``out_channels`` channels: about 1.4 M parameters, CPU-trainable."""
-    body = resnet_small(norm=norm, trainable_layers=trainable_layers)
+def small_fpn(out_channels: int = 64, norm: str = "batch", trainable_layers: int = 5,
+              widths: tuple[int, int, int, int] = SMALL_WIDTHS) -> BackboneWithFPN:
+    """:func:`resnet_small` + FPN with ``out_channels`` channels: about 1.4 M parameters with the
+    default widths, CPU-trainable."""
+    body = resnet_small(norm=norm, trainable_layers=trainable_layers, widths=widths)
     fpn = FeaturePyramidNetwork(list(body.out_channels_per_level.values()), out_channels)
     return BackboneWithFPN(body, fpn)
 

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from mrcnn_edu.anchors import AnchorGenerator
-from mrcnn_edu.backbone import (BackboneWithFPN, BasicBlock, FeaturePyramidNetwork, ResNet,
-                                load_torchvision_backbone, resnet50_fpn, small_fpn)
+from mrcnn_edu.backbone import (SMALL_WIDTHS, BackboneWithFPN, load_torchvision_backbone, resnet50_fpn,
+                                small_fpn)
 from mrcnn_edu.box_head import BoxPredictor, TwoMLPHead, postprocess_detections
 from mrcnn_edu.config import BackboneConfig, MaskRCNNConfig
 from mrcnn_edu.mask_head import MaskHead, MaskPredictor, mask_probabilities, project_masks_on_boxes
@@ -121,12 +121,8 @@ def build_backbone(cfg: BackboneConfig) -> BackboneWithFPN:
     """The trunk + FPN named by ``cfg`` (``mrcnn_edu.backbone``)."""
     if cfg.name == "resnet50_fpn":
         return resnet50_fpn(norm=cfg.norm, trainable_layers=cfg.trainable_layers, out_channels=cfg.out_channels)
-    if cfg.widths is None:
-        return small_fpn(out_channels=cfg.out_channels, norm=cfg.norm, trainable_layers=cfg.trainable_layers)
-    # small_fpn with other widths: the same recipe (BasicBlock, one block per stage, stem = widths[0])
-    body = ResNet(BasicBlock, [1, 1, 1, 1], widths=cfg.widths, stem_width=cfg.widths[0], norm=cfg.norm,
-                  trainable_layers=cfg.trainable_layers)
-    return BackboneWithFPN(body, FeaturePyramidNetwork(list(body.out_channels_per_level.values()), cfg.out_channels))
+    return small_fpn(out_channels=cfg.out_channels, norm=cfg.norm, trainable_layers=cfg.trainable_layers,
+                     widths=cfg.widths if cfg.widths is not None else SMALL_WIDTHS)
 
 
 def build_mask_rcnn(cfg: MaskRCNNConfig) -> MaskRCNN:

@@ -401,12 +401,7 @@ def _check_nms_inputs(boxes, scores, iou_threshold) -> None:
         raise ValueError(f"boxes: expected a float32 or float64 tensor of shape (N, 4), got dtype "
                          f"{boxes.dtype} (convert with boxes.float())")
     n = boxes.shape[0]
-    if not isinstance(scores, Tensor):
-        raise ValueError(f"scores: expected a tensor of shape (N,) = ({n},), one score per box, "
-                         f"got a {type(scores).__name__}")
-    if scores.dim() != 1 or scores.shape[0] != n:
-        raise ValueError(f"scores: expected a tensor of shape (N,) = ({n},), one score per box, "
-                         f"got shape {tuple(scores.shape)}")
+    _check_per_box("scores", scores, n, "a tensor", "one score per box")
     if scores.dtype != boxes.dtype or scores.device != boxes.device:
         raise ValueError(f"scores: expected the dtype and device of boxes ({boxes.dtype}, "
                          f"{boxes.device}), got {scores.dtype}, {scores.device}")
@@ -421,16 +416,20 @@ def _check_batched_nms_inputs(boxes, scores, idxs, iou_threshold) -> None:
     """As :func:`_check_nms_inputs`, plus integer category ids idxs (N,) on the same device."""
     _check_nms_inputs(boxes, scores, iou_threshold)
     n = boxes.shape[0]
-    if not isinstance(idxs, Tensor):
-        raise ValueError(f"idxs: expected an integer tensor of shape (N,) = ({n},), one category "
-                         f"per box, got a {type(idxs).__name__}")
-    if idxs.dim() != 1 or idxs.shape[0] != n:
-        raise ValueError(f"idxs: expected an integer tensor of shape (N,) = ({n},), one category "
-                         f"per box, got shape {tuple(idxs.shape)}")
+    _check_per_box("idxs", idxs, n, "an integer tensor", "one category per box")
     if idxs.is_floating_point() or idxs.is_complex() or idxs.dtype == torch.bool:
         raise ValueError(f"idxs: expected an integer tensor (category ids), got dtype {idxs.dtype}")
     if idxs.device != boxes.device:
         raise ValueError(f"idxs: expected the device of boxes ({boxes.device}), got {idxs.device}")
+
+
+def _check_per_box(name: str, value, n: int, kind: str, meaning: str) -> None:
+    """``value`` must be a Tensor of shape (n,): one entry per box."""
+    expected = f"{name}: expected {kind} of shape (N,) = ({n},), {meaning}, got"
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{expected} a {type(value).__name__}")
+    if value.dim() != 1 or value.shape[0] != n:
+        raise ValueError(f"{expected} shape {tuple(value.shape)}")
 
 
 def _check_number(name: str, value, expected: str, is_valid) -> None:

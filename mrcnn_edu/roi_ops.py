@@ -139,6 +139,14 @@ def _check_box(box) -> Tensor:
     return box.to(torch.promote_types(box.dtype, torch.get_default_dtype()))
 
 
+def _checked_rois(input: Tensor, boxes, output_size, spatial_scale) -> tuple[Tensor, int, int]:
+    """Validate the arguments every RoI op shares; return (rois Tensor[K, 5], out_h, out_w)."""
+    _check_feature_map("input", input)
+    out_h, out_w = _check_output_size(output_size)
+    _check_spatial_scale(spatial_scale)
+    return _as_rois(boxes, input), out_h, out_w
+
+
 def _empty_result(input: Tensor, out_h: int, out_w: int) -> Tensor:
     """The (0, C, h, w) result for K = 0 boxes, still part of the autograd graph (as torchvision's is).
 
@@ -365,10 +373,7 @@ def roi_align_reference(input: Tensor, boxes, output_size, spatial_scale: float 
     points (:func:`roi_align_sampling_points`, :func:`bilinear_interpolate`). Same arguments and
     result as :func:`roi_align`.
     """
-    _check_feature_map("input", input)
-    out_h, out_w = _check_output_size(output_size)
-    _check_spatial_scale(spatial_scale)
-    rois = _as_rois(boxes, input)
+    rois, out_h, out_w = _checked_rois(input, boxes, output_size, spatial_scale)
     if len(rois) == 0:
         return _empty_result(input, out_h, out_w)
     channels = input.shape[1]
@@ -413,10 +418,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     of its ``gh * gw`` sampling points, divided by ``gh * gw``: one ``F.embedding_bag`` (mode
     "sum", with per-entry weights) over all bins of all RoIs.
     """
-    _check_feature_map("input", input)
-    out_h, out_w = _check_output_size(output_size)
-    _check_spatial_scale(spatial_scale)
-    rois = _as_rois(boxes, input)
+    rois, out_h, out_w = _checked_rois(input, boxes, output_size, spatial_scale)
     if len(rois) == 0:
         return _empty_result(input, out_h, out_w)
     _, channels, height, width = input.shape
@@ -565,10 +567,7 @@ def roi_pool_bins(box: Tensor, output_size, spatial_scale: float = 1.0,
 
 def roi_pool_reference(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> Tensor:
     """RoIPool written out bin by bin: slow, for reading and for checking :func:`roi_pool`."""
-    _check_feature_map("input", input)
-    out_h, out_w = _check_output_size(output_size)
-    _check_spatial_scale(spatial_scale)
-    rois = _as_rois(boxes, input)
+    rois, out_h, out_w = _checked_rois(input, boxes, output_size, spatial_scale)
     if len(rois) == 0:
         return _empty_result(input, out_h, out_w)
     _, channels, height, width = input.shape
@@ -608,10 +607,7 @@ def roi_pool(input: Tensor, boxes, output_size, spatial_scale: float = 1.0) -> T
 
     How: one ``F.embedding_bag`` (mode "max") whose bags are the cells of each bin.
     """
-    _check_feature_map("input", input)
-    out_h, out_w = _check_output_size(output_size)
-    _check_spatial_scale(spatial_scale)
-    rois = _as_rois(boxes, input)
+    rois, out_h, out_w = _checked_rois(input, boxes, output_size, spatial_scale)
     if len(rois) == 0:
         return _empty_result(input, out_h, out_w)
     _, channels, height, width = input.shape
