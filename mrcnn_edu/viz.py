@@ -243,6 +243,33 @@ def overlay_masks(ax, masks, colors: Iterable | None = None, alpha: float = 0.45
     return ax
 
 
+def outline_masks(ax, masks, colors: Iterable | None = None, linewidth: float = 1.5, threshold: float = 0.5,
+                  halo: str | None = "black"):
+    """Draw the outline (the ``threshold`` contour) of each mask (Tensor[K, H, W] or [K, 1, H, W]).
+
+    Unlike :func:`overlay_masks` it leaves the pixels inside visible (their own colours). ``halo``:
+    a thin line of this colour around each outline, so it shows on any background (None: none).
+    """
+    from matplotlib import patheffects
+
+    masks = torch.as_tensor(masks).detach().cpu().float()
+    if masks.ndim == 4:
+        masks = masks[:, 0]  # (K, 1, H, W) -> (K, H, W)
+    cmap = plt.get_cmap("tab10")
+    colors = list(colors) if colors is not None else [cmap(i % 10) for i in range(len(masks))]
+    limits = ax.get_xlim(), ax.get_ylim()  # contour would rescale the axes to its own extent
+    for mask, color in zip(masks, colors):
+        if mask.min() < threshold <= mask.max():  # a contour exists
+            # pixel centres at integer coordinates, as imshow draws them
+            contour = ax.contour(mask.numpy(), levels=[threshold], colors=[color], linewidths=linewidth)
+            if halo is not None:
+                contour.set_path_effects([patheffects.withStroke(linewidth=linewidth + 1.5, foreground=halo)])
+    if ax.images:  # keep an image's extent
+        ax.set_xlim(limits[0])
+        ax.set_ylim(limits[1])
+    return ax
+
+
 # --------------------------------------------------------------------------------------------
 # Feature maps
 # --------------------------------------------------------------------------------------------
@@ -400,3 +427,82 @@ def explore(_explore_fn=None, **controls):
     result = _explore_fn(**kwargs)
     panel.close()
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Training curves
+# --------------------------------------------------------------------------------------------
+
+LOSS_COLORS = {"loss": "black", "loss_objectness": "#4e79a7", "loss_rpn_box_reg": "#76b7b2",
+               "loss_classifier": "#e15759", "loss_box_reg": "#f28e2b", "loss_mask": "#59a14f"}
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Mean of the last ``window`` values at every position (fewer at the start): same length as ``values``."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0 or window <= 1:
+        return values
+    sums = np.cumsum(np.insert(values, 0, 0.0))  # sums[i] = values[:i].sum()
+    starts = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+    return (sums[1:] - sums[starts]) / (np.arange(1, len(values) + 1) - starts)
+
+
+def plot_training_curves(steps: Sequence[Mapping], epochs: Sequence[Mapping] = (), axes=None,
+                         smooth: int = 20, title: str | None = None):
+    """The loss terms per step and the validation AP per epoch of a training run.
+
+    Args:
+        steps: one dict per step with ``"step"``, ``"loss"`` and the loss terms
+            (``engine.History.steps``).
+        epochs: one dict per epoch with ``"epoch"`` and, after validation, ``"segm_AP"``,
+            ``"segm_AP50"``, ``"bbox_AP50"`` (``engine.History.epochs``).
+        axes: two Axes (losses, validation); a new 13 x 4 figure when None.
+        smooth: moving-average window in steps (the raw values are drawn faintly behind).
+
+    Returns:
+        The Figure. Losses use a log scale: the terms differ by an order of magnitude.
+    """
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1.6, 1]})
+    ax_loss, ax_val = axes
+    fig = ax_loss.figure
+    x = [row["step"] for row in steps]
+    keys = [k for k in LOSS_COLORS if steps and k in steps[0]]
+    for key in keys:
+        values = [row[key] for row in steps]
+        color = LOSS_COLORS[key]
+        ax_loss.plot(x, values, color=color, alpha=0.18, linewidth=0.8)
+        ax_loss.plot(x, moving_average(values, smooth), color=color, linewidth=2.2 if key == "loss" else 1.5,
+                     label=("total" if key == "loss" else key.replace("loss_", "")))
+    if steps:
+        ax_loss.set_yscale("log")
+        ax_loss.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss (log scale)")
+    ax_loss.set_title(f"training losses (lines: mean of the last {smooth} steps)", fontsize=10)
+    ax_loss.grid(alpha=0.3)
+
+    last_step = {}  # epoch -> its last step, to put validation points on the step axis
+    for row in steps:
+        last_step[row.get("epoch")] = row["step"]
+    rows = [row for row in epochs if row.get("segm_AP") is not None or row.get("bbox_AP") is not None]
+    for key, label, style in (("segm_AP50", "mask AP50", "o-"), ("segm_AP", "mask AP", "s-"),
+                              ("bbox_AP50", "box AP50", "^--")):
+        points = [(last_step.get(row["epoch"], row["epoch"]), row[key]) for row in rows if row.get(key) is not None]
+        if points:
+            ax_val.plot(*zip(*points), style, label=label)
+    if rows:
+        ax_val.legend(fontsize=8, loc="lower right")
+    else:
+        ax_val.text(0.5, 0.5, "validation AP appears\nafter each epoch", ha="center", va="center",
+                    transform=ax_val.transAxes, color="0.4")
+    ax_val.set_ylim(0, 1)
+    if x:
+        ax_val.set_xlim(0, max(x) * 1.02 + 1)
+    ax_val.set_xlabel("step")
+    ax_val.set_title("validation (COCO AP)", fontsize=10)
+    ax_val.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig

@@ -97,3 +97,42 @@ def test_explore_interactive_and_batch(monkeypatch, capsys):
         calls.append(size)
 
     assert calls == [5]
+
+
+def test_moving_average():
+    assert viz.moving_average([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+    assert viz.moving_average([2.0, 4.0], 1).tolist() == [2.0, 4.0]
+    assert len(viz.moving_average([], 5)) == 0
+
+
+def test_training_curves_draw_every_loss_term_and_validation():
+    keys = ["loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"]
+    steps = [{"step": s, "epoch": 1 + (s - 1) // 5, **{k: 1.0 / s for k in keys}} for s in range(1, 11)]
+    epochs = [{"epoch": 1, "segm_AP": 0.1, "segm_AP50": 0.3, "bbox_AP50": 0.2}, {"epoch": 2, "segm_AP": 0.2}]
+    fig = viz.plot_training_curves(steps, epochs, smooth=3)
+    ax_loss, ax_val = fig.axes
+    labels = [line.get_label() for line in ax_loss.get_lines() if not line.get_label().startswith("_")]
+    assert labels == ["total", "objectness", "rpn_box_reg", "classifier", "box_reg", "mask"]
+    assert ax_loss.get_yscale() == "log"
+    val = {line.get_label(): line for line in ax_val.get_lines()}
+    assert list(val["mask AP"].get_xdata()) == [5, 10]  # at the last step of each epoch
+    assert list(val["mask AP50"].get_ydata()) == [0.3]
+    plt.close(fig)
+    fig = viz.plot_training_curves(steps[:2])  # before any validation: a note instead of points
+    assert "validation AP appears" in fig.axes[1].texts[0].get_text()
+    plt.close(fig)
+
+
+def test_outline_masks_draws_one_contour_per_nonempty_mask():
+    fig, ax = plt.subplots()
+    masks = torch.zeros(3, 1, 20, 30)
+    masks[0, 0, 2:8, 3:9] = 1
+    masks[1, 0, 10:18, 5:25] = 0.9
+    viz.outline_masks(ax, masks, colors=["red", "blue", "green"])  # mask 2 is empty: no contour
+    assert len(ax.images) == 0 and len(ax.collections) == 2
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    viz.show_image(torch.rand(3, 20, 30), ax=ax)
+    viz.outline_masks(ax, masks)
+    assert ax.get_xlim() == (-0.5, 29.5) and ax.get_ylim() == (19.5, -0.5)  # the image's extent is kept
+    plt.close(fig)
