@@ -489,6 +489,8 @@ def register_train(subparsers) -> None:
     p.add_argument("--lr", metavar="LR", type=float, default=None, help="base learning rate")
     p.add_argument("--batch-size", metavar="N", type=_positive_count, default=None, help="images per step")
     p.add_argument("--seed", metavar="N", type=int, default=None, help="random seed (default: 0)")
+    p.add_argument("--augment", metavar="NAMES", default=None,
+                   help="comma-separated augmentations: flip, rot90, scale, color (default: the train config's)")
     p.add_argument("--train-config", metavar="FILE", type=Path, default=None,
                    help="TrainConfig JSON file (optimizer, schedule, stages, ...); the options above override it")
     p.add_argument("--device", metavar="DEVICE", default=None,
@@ -520,10 +522,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     model_config = engine.load_model_config(args.config)
     train_config = engine.load_train_config(args.train_config, epochs=args.epochs, lr=args.lr,
-                                            batch_size=args.batch_size, seed=args.seed, device=args.device)
+                                            batch_size=args.batch_size, seed=args.seed, device=args.device,
+                                            augment=args.augment)
     train_set, val_set, data = engine.open_datasets(args.data, args.val_data, shapes=args.shapes)
     out = args.out if args.out is not None else Path("runs") / Path(args.config).stem
-    names = ("data", "val_data", "shapes", "epochs", "lr", "batch_size", "seed", "train_config", "device")
+    names = ("data", "val_data", "shapes", "epochs", "lr", "batch_size", "seed", "augment", "train_config", "device")
     options = [(f"--{name.replace('_', '-')}", getattr(args, name)) for name in names
                if name != "shapes" or args.data == "shapes"]
     command = shlex.join([PROG, "train", args.config, *[str(part) for option, value in options

@@ -1022,6 +1022,31 @@ class ColorJitter:
         return repr(self.jitter)
 
 
+AUGMENTATIONS = {
+    "flip": lambda: [RandomHorizontalFlip(0.5), RandomVerticalFlip(0.5)],
+    "rot90": lambda: [RandomRotate90(0.5)],
+    "scale": lambda: [ScaleJitter(0.75, 1.33, keep_size=True)],
+    "color": lambda: [ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.03)],
+}
+"""Named augmentations for configs and the command line (``TrainConfig.augment``): name -> factory."""
+
+
+def make_augmentation(names: Sequence[str]) -> Compose | None:
+    """``Compose`` of the named augmentations (in the order given), ``None`` for no names.
+
+    ``"flip"``: left-right and top-bottom flips; ``"rot90"``: quarter turns (with ``flip``, all 8
+    symmetries of a square -- overhead images have no "up"); ``"scale"``: objects 0.75-1.33x their
+    size, image size kept; ``"color"``: brightness, contrast, saturation and a little hue.
+
+    Raises:
+        UserError: an unknown name, listing the known ones.
+    """
+    unknown = [name for name in names if name not in AUGMENTATIONS]
+    if unknown:
+        raise UserError(f"augment: unknown augmentation {unknown[0]!r}; choose from {', '.join(AUGMENTATIONS)}")
+    return Compose([t for name in names for t in AUGMENTATIONS[name]()]) if names else None
+
+
 def _move_instances(target: Mapping, move_masks: Callable[[Tensor], Tensor],
                     move_boxes: Callable[[Tensor], Tensor]) -> dict:
     """Apply a geometric change to a target's masks (or, without masks, its boxes).

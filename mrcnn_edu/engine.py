@@ -183,6 +183,9 @@ class TrainConfig:
     ``num_workers``: data-loader processes. ``eval_every``: validate every that many epochs (and after
     the last). ``checkpoint_every``: also write ``last.pt`` every that many steps (``None``: each
     epoch only). ``max_val_images``: validate on the first that many images only (``None``: all).
+    ``augment``: names from ``mrcnn_edu.data.AUGMENTATIONS`` (``"flip"``, ``"rot90"``, ``"scale"``,
+    ``"color"``) applied to the training set by :func:`build_and_train` (the CLI); :func:`train`
+    itself uses the datasets as they are given.
     """
 
     optimizer: str = "sgd"
@@ -203,6 +206,7 @@ class TrainConfig:
     eval_every: int = 1
     checkpoint_every: int | None = None
     max_val_images: int | None = None
+    augment: tuple[str, ...] = ()
     stages: tuple[Stage, ...] = (Stage(epochs=10),)
 
     def __post_init__(self) -> None:
@@ -241,6 +245,12 @@ class TrainConfig:
                                   f"got {self.device!r}") from None
         if self.amp not in (True, False, "auto"):
             raise ConfigError(f"amp: expected true, false or 'auto', got {self.amp!r}")
+        if isinstance(self.augment, (list, str)):
+            object.__setattr__(self, "augment", (self.augment,) if isinstance(self.augment, str) else tuple(self.augment))
+        from mrcnn_edu.data import AUGMENTATIONS
+
+        if not isinstance(self.augment, tuple) or any(name not in AUGMENTATIONS for name in self.augment):
+            raise ConfigError(f"augment: expected a list of names from {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if isinstance(self.stages, list):
             object.__setattr__(self, "stages", tuple(self.stages))
         if not isinstance(self.stages, tuple) or not self.stages or not all(isinstance(s, Stage) for s in self.stages):
@@ -264,6 +274,7 @@ class TrainConfig:
         """A JSON-ready dict (tuples as lists, stages as dicts)."""
         data = dataclasses.asdict(self)
         data["milestones"] = list(self.milestones)
+        data["augment"] = list(self.augment)
         data["stages"] = [dataclasses.asdict(stage) for stage in self.stages]
         return data
 
@@ -1136,10 +1147,11 @@ def load_model_config(config_or_preset: str | os.PathLike) -> MaskRCNNConfig:
 
 def load_train_config(path: str | os.PathLike | None = None, *, epochs: int | None = None, lr: float | None = None,
                       batch_size: int | None = None, seed: int | None = None,
-                      device: str | None = None) -> TrainConfig:
+                      device: str | None = None, augment: str | Sequence[str] | None = None) -> TrainConfig:
     """A :class:`TrainConfig` from a JSON file (or the defaults), with the given fields replaced.
 
     ``epochs`` sets the epochs of a one-stage run; a multi-stage run's epochs live in its stages.
+    ``augment``: names, or one comma-separated string (``"flip,rot90"``; ``""`` for none).
     """
     config = TrainConfig()
     if path is not None:
@@ -1152,6 +1164,9 @@ def load_train_config(path: str | os.PathLike | None = None, *, epochs: int | No
             raise ConfigError(f"{path}: {error}") from None
     changes = {name: value for name, value in
                (("lr", lr), ("batch_size", batch_size), ("seed", seed), ("device", device)) if value is not None}
+    if augment is not None:
+        names = [n.strip() for n in augment.split(",") if n.strip()] if isinstance(augment, str) else list(augment)
+        changes["augment"] = tuple(names)
     if epochs is not None:
         if len(config.stages) != 1:
             raise UserError(f"--epochs: the train config has {len(config.stages)} stages; set the epochs of each "
@@ -1193,14 +1208,21 @@ def open_datasets(data: str | os.PathLike, val_data: str | os.PathLike | None = 
 
 def build_and_train(model_config: MaskRCNNConfig, train_set: Dataset, val_set: Dataset | None,
                     train_config: TrainConfig, out_dir: str | os.PathLike, resume: bool | str | os.PathLike = "auto",
-                    progress: bool = True, card: Mapping[str, Any] | None = None) -> tuple[nn.Module, History]:
+                    progress: bool = True, card: Mapping[str, Any] | None = None,
+                    callbacks: Sequence[Callable[[str, dict], None]] | None = None) -> tuple[nn.Module, History]:
     """Set ``num_classes`` from the data, seed, build the model and :func:`train` it (the CLI's path)."""
     from mrcnn_edu.model import build_mask_rcnn
 
+    from mrcnn_edu.data import make_augmentation
+
     class_names = list(train_set.class_names)
     model_config = dataclasses.replace(model_config, num_classes=len(class_names))
+    if train_config.augment:
+        if getattr(train_set, "transforms", None) is not None:
+            raise UserError(f"augment: the training set already has transforms ({train_set.transforms!r})")
+        train_set.transforms = make_augmentation(train_config.augment)
     seed_everything(train_config.seed)  # reproducible initial weights
     model = build_mask_rcnn(model_config)
     history = train(model, model_config, train_set, val_set, train_config, out_dir, class_names=class_names,
-                    resume=resume, progress=progress, card=card)
+                    resume=resume, progress=progress, card=card, callbacks=callbacks)
     return model, history

@@ -99,12 +99,28 @@ def test_train_config_json_round_trip():
     ({"stages": []}, "stages"), ({"stages": [{"epochs": 0}]}, "stages[0].epochs"),
     ({"stages": [{"epochs": 1}, {"epochs": 2, "trainable": "backbone"}]}, "stages[1].trainable"),
     ({"stages": [{"epochs": 1, "lr": 2}]}, "stages[0]"), ({"learning_rate": 0.1}, "learning_rate"),
+    ({"augment": ["flip", "mixup"]}, "augment"),
 ])
 def test_train_config_errors_name_the_field(data, field):
     with pytest.raises(ConfigError) as error:
         TrainConfig.from_dict(data)
     assert str(error.value).startswith(field), str(error.value)
     assert isinstance(error.value, UserError)
+
+
+def test_augment_names_become_the_training_sets_transforms(tmp_path):
+    from mrcnn_edu.data import Compose, RandomRotate90, ShapesDataset
+
+    config = engine.load_train_config(None, augment="flip, rot90", epochs=1)
+    assert config.augment == ("flip", "rot90") and TrainConfig.from_json(config.to_json()) == config
+    assert engine.load_train_config(None, augment="").augment == ()
+    train_set = ShapesDataset(2, size=64, seed=0)
+    engine.build_and_train(CFG, train_set, None, dataclasses.replace(config, batch_size=2), tmp_path, progress=False)
+    assert isinstance(train_set.transforms, Compose)
+    assert [type(t).__name__ for t in train_set.transforms.transforms] == [
+        "RandomHorizontalFlip", "RandomVerticalFlip", RandomRotate90.__name__]
+    with pytest.raises(UserError, match="already has transforms"):
+        engine.build_and_train(CFG, train_set, None, config, tmp_path / "again", progress=False)
 
 
 def test_three_stage_training_is_one_config():
