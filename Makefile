@@ -10,12 +10,14 @@ STAMP  := $(VENV)/.mrcnn_edu-installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup lab test book clean help
+.PHONY: setup lab test book casestudy weights clean help
 
 help:
 	@echo "make lab    set up (first time only) and open the course in JupyterLab"
 	@echo "make test   set up (first time only) and run the whole test suite"
 	@echo "make book   render executed HTML copies of the notebooks into book/"
+	@echo "make casestudy  the oil-tank case study end to end: runs/casestudy/report.md (~25 min on 2 cores)"
+	@echo "make weights    rebuild the shipped weights in data/weights/ (shapes_small, tanks_small)"
 	@echo "make clean  remove the virtual environment and generated files"
 
 setup: $(STAMP)
@@ -42,6 +44,21 @@ book: $(STAMP)
 	mkdir -p book
 	MRCNN_EDU_BATCH=1 $(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=1800 \
 		--output-dir book notebooks/*.ipynb
+
+# The case study headless: synthetic data (cached in data/cache/oil_tanks), three-stage training
+# (resumed if interrupted), COCO evaluation, tiled scene inference, error analysis, fill levels;
+# writes runs/casestudy/report.md, metrics.json and figures/. CASESTUDY_ARGS="--fast" for a smoke run.
+CASESTUDY_ARGS ?=
+
+casestudy: $(STAMP)
+	$(BIN)/python -m mrcnn_edu.cli casestudy $(CASESTUDY_ARGS)
+
+# The shipped weights (safetensors + card), rebuilt from scratch by the project's own training code:
+# the toy shapes model (configs/shapes_*.json) and the case-study model (configs/tanks_*.json).
+weights: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py --save data/weights/shapes_small.safetensors
+	$(BIN)/python -m mrcnn_edu.cli casestudy --out runs/weights/tanks_small \
+		--save-weights data/weights/tanks_small.safetensors
 
 clean:
 	rm -rf $(VENV) build *.egg-info mrcnn_edu.egg-info .pytest_cache data/cache

@@ -9,6 +9,7 @@ Sub-commands::
     mrcnn-edu evaluate --weights W --data DIR_OR_SHAPES       print the COCO AP table
     mrcnn-edu prepare-airbus SRC OUT [--tile-size PX] ...     Airbus oil tanks -> COCO tiles
     mrcnn-edu train CONFIG_OR_PRESET --data DIR|shapes [--epochs N] ... train, resume, write weights
+    mrcnn-edu casestudy [--out DIR] [--fast] [--weights W] ...  the oil-tank case study end to end + report
 
 Adding a sub-command: write ``register_<name>(subparsers)`` that adds its parser and sets
 ``func`` to a ``run_<name>(args) -> int`` function, and append the register function to
@@ -542,6 +543,68 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# casestudy
+# ---------------------------------------------------------------------------------------------
+
+
+def register_casestudy(subparsers) -> None:
+    p = subparsers.add_parser(
+        "casestudy",
+        help="the oil-tank case study end to end: data, three-stage training, evaluation, scenes, report",
+        description="Generate the synthetic oil-tank data (cached), train the small model from scratch with "
+        "the original's three stages (configs/tanks_small.json, configs/tanks_train.json; resumed "
+        "automatically if interrupted), evaluate it on the validation tiles (COCO table by pycocotools), "
+        "run tiled inference on held-out scenes, analyse the errors and the fill levels, and write "
+        "OUT/report.md, OUT/metrics.json and OUT/figures/. With --fast: tiny everything (a smoke test).",
+    )
+    p.add_argument("--out", metavar="DIR", type=Path, default=Path("runs/casestudy"),
+                   help="output folder (default: runs/casestudy)")
+    p.add_argument("--fast", action="store_true",
+                   help="tiny data and a few training steps, about a minute (also MRCNN_EDU_FAST=1)")
+    p.add_argument("--train-tiles", metavar="N", type=_positive_count, default=None,
+                   help="training tiles (default: 1600; fast: 16)")
+    p.add_argument("--val-tiles", metavar="N", type=_positive_count, default=None,
+                   help="validation tiles, a seed training never uses (default: 200; fast: 8)")
+    p.add_argument("--scenes", metavar="N", type=_positive_count, default=None,
+                   help="held-out scenes for tiled inference (default: 2 of 2560 px; fast: 1 of 384 px)")
+    p.add_argument("--weights", metavar="W", type=Path, default=None,
+                   help="skip training: evaluate these weights (.safetensors)")
+    p.add_argument("--save-weights", metavar="PATH", type=Path, default=None,
+                   help="also save the trained weights and their card here (make weights: "
+                        "data/weights/tanks_small.safetensors)")
+    p.add_argument("--model-config", metavar="FILE", type=Path, default=None,
+                   help="MaskRCNNConfig JSON or a preset name (default: configs/tanks_small.json)")
+    p.add_argument("--train-config", metavar="FILE", type=Path, default=None,
+                   help="TrainConfig JSON with the stages (default: configs/tanks_train.json)")
+    p.add_argument("--restart", action="store_true",
+                   help="train from scratch even if OUT/train/last.pt exists (default: resume it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(func=run_casestudy)
+
+
+def run_casestudy(args: argparse.Namespace) -> int:
+    import shlex
+
+    from mrcnn_edu import casestudy
+
+    command = shlex.join([PROG, "casestudy", *_casestudy_options(args)])
+    casestudy.run_casestudy(args.out, fast=True if args.fast else None, train_tiles=args.train_tiles,
+                            val_tiles=args.val_tiles, scenes=args.scenes, weights=args.weights,
+                            save_weights=args.save_weights, progress=not args.quiet, restart=args.restart,
+                            model_config=args.model_config, train_config=args.train_config, command=command)
+    return EXIT_OK
+
+
+def _casestudy_options(args: argparse.Namespace) -> list[str]:
+    """The command line's options, normalised (for the report and the weights card)."""
+    words = ["--out", str(args.out)] + (["--fast"] if args.fast else [])
+    for name in ("train_tiles", "val_tiles", "scenes", "weights", "save_weights", "model_config", "train_config"):
+        if getattr(args, name) is not None:
+            words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return words + [flag for flag in ("--restart", "--quiet") if getattr(args, flag[2:])]
+
+
+# ---------------------------------------------------------------------------------------------
 # the parser and main
 # ---------------------------------------------------------------------------------------------
 
@@ -553,6 +616,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_predict,
     register_evaluate,
     register_train,
+    register_casestudy,
 ]
 
 
