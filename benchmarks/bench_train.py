@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -87,7 +86,7 @@ def main(argv=None) -> int:
 
     # the chosen (best) weights, by pycocotools this time
     from mrcnn_edu.evaluation import results_from_predictions
-    from mrcnn_edu.weights import card_path, load_weights
+    from mrcnn_edu.weights import card_path, load_weights, save_weights
 
     best, card = load_weights(args.out / engine.WEIGHTS)
     outputs, ids = [], []
@@ -104,13 +103,17 @@ def main(argv=None) -> int:
           f"mask AP {segm['AP']:.3f}, box AP50 {bbox['AP50']:.3f}")
     print(f"mask AP50 >= {TARGET}: " + (f"first reached after {reached:.1f} min (wall, validation included)"
                                         if reached is not None else "not reached"))
-    if args.save is not None:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(args.out / engine.WEIGHTS, args.save)
-        card_file = card_path(args.out / engine.WEIGHTS)
-        if card_file.exists():
-            shutil.copyfile(card_file, card_path(args.save))
-        print(f"saved {args.save}")
+    if args.save is not None:  # the chosen weights, their card enriched with this run's facts
+        from mrcnn_edu.config import MaskRCNNConfig
+
+        config = MaskRCNNConfig.from_dict(card.pop("config"))
+        class_names = card.pop("class_names")
+        card.update({"seconds": round(total * 60), "benchmark": {
+            "machine": machine_line(), "curve_min_ap50": [[round(w, 2), round(a, 4)] for w, a in curve],
+            "pycocotools_segm": segm, "pycocotools_bbox": bbox,
+            "validation": f"ShapesDataset({args.val_images}, size=128, seed=1)"}})
+        save_weights(args.save, best, config, class_names, card)
+        print(f"saved {args.save} (+ {card_path(args.save).name})")
     return 0
 
 

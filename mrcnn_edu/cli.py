@@ -491,7 +491,7 @@ def register_train(subparsers) -> None:
     p.add_argument("--batch-size", metavar="N", type=_positive_count, default=None, help="images per step")
     p.add_argument("--seed", metavar="N", type=int, default=None, help="random seed (default: 0)")
     p.add_argument("--augment", metavar="NAMES", default=None,
-                   help="comma-separated augmentations: flip, rot90, scale, color (default: the train config's)")
+                   help="comma-separated augmentations: hflip, flip, rot90, scale, color (default: the train config's)")
     p.add_argument("--train-config", metavar="FILE", type=Path, default=None,
                    help="TrainConfig JSON file (optimizer, schedule, stages, ...); the options above override it")
     p.add_argument("--device", metavar="DEVICE", default=None,

@@ -1023,6 +1023,7 @@ class ColorJitter:
 
 
 AUGMENTATIONS = {
+    "hflip": lambda: [RandomHorizontalFlip(0.5)],
     "flip": lambda: [RandomHorizontalFlip(0.5), RandomVerticalFlip(0.5)],
     "rot90": lambda: [RandomRotate90(0.5)],
     "scale": lambda: [ScaleJitter(0.75, 1.33, keep_size=True)],
@@ -1034,6 +1035,7 @@ AUGMENTATIONS = {
 def make_augmentation(names: Sequence[str]) -> Compose | None:
     """``Compose`` of the named augmentations (in the order given), ``None`` for no names.
 
+    ``"hflip"``: left-right flips only (for data with an "up", e.g. the shapes' triangles);
     ``"flip"``: left-right and top-bottom flips; ``"rot90"``: quarter turns (with ``flip``, all 8
     symmetries of a square -- overhead images have no "up"); ``"scale"``: objects 0.75-1.33x their
     size, image size kept; ``"color"``: brightness, contrast, saturation and a little hue.

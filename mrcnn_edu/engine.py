@@ -183,9 +183,8 @@ class TrainConfig:
     ``num_workers``: data-loader processes. ``eval_every``: validate every that many epochs (and after
     the last). ``checkpoint_every``: also write ``last.pt`` every that many steps (``None``: each
     epoch only). ``max_val_images``: validate on the first that many images only (``None``: all).
-    ``augment``: names from ``mrcnn_edu.data.AUGMENTATIONS`` (``"flip"``, ``"rot90"``, ``"scale"``,
-    ``"color"``) applied to the training set by :func:`build_and_train` (the CLI); :func:`train`
-    itself uses the datasets as they are given.
+    ``augment``: names from ``mrcnn_edu.data.AUGMENTATIONS`` (``"hflip"``, ``"flip"``, ``"rot90"``,
+    ``"scale"``, ``"color"``) applied to training items (after the dataset's own ``transforms``).
     """
 
     optimizer: str = "sgd"
@@ -467,10 +466,12 @@ class SeededItems(Dataset):
     The augmentations (``mrcnn_edu.data``) draw from torch's global generator; seeding it per item
     makes an item's augmentation the same whatever the number of loader workers, and whether the
     epoch ran in one go or was resumed half-way. The caller's random state is restored afterwards.
+    ``augment`` (``TrainConfig.augment`` made by ``data.make_augmentation``) is applied after the
+    dataset's own ``transforms``, under the same seed.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, augment: Callable | None = None) -> None:
+        self.dataset, self.seed, self.epoch, self.augment = dataset, seed, epoch, augment
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -479,7 +480,8 @@ class SeededItems(Dataset):
         item_seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1, np.uint64)[0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(item_seed)
-            return self.dataset[index]
+            image, target = self.dataset[index]
+            return (image, target) if self.augment is None else self.augment(image, target)
 
 
 def epoch_indices(dataset_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -497,7 +499,10 @@ def make_loader(dataset: Dataset, config: TrainConfig, epoch: int, skip_batches:
     # The loader's own generator (instead of torch's global one) seeds its workers: creating a loader
     # then leaves the global random state alone, as resuming requires.
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-    return DataLoader(SeededItems(dataset, config.seed, epoch), batch_size=config.batch_size, sampler=indices,
+    from mrcnn_edu.data import make_augmentation
+
+    augment = make_augmentation(config.augment)
+    return DataLoader(SeededItems(dataset, config.seed, epoch, augment), batch_size=config.batch_size, sampler=indices,
                       collate_fn=collate_fn, num_workers=config.num_workers, generator=generator)
 
 
@@ -1213,14 +1218,8 @@ def build_and_train(model_config: MaskRCNNConfig, train_set: Dataset, val_set: D
     """Set ``num_classes`` from the data, seed, build the model and :func:`train` it (the CLI's path)."""
     from mrcnn_edu.model import build_mask_rcnn
 
-    from mrcnn_edu.data import make_augmentation
-
     class_names = list(train_set.class_names)
     model_config = dataclasses.replace(model_config, num_classes=len(class_names))
-    if train_config.augment:
-        if getattr(train_set, "transforms", None) is not None:
-            raise UserError(f"augment: the training set already has transforms ({train_set.transforms!r})")
-        train_set.transforms = make_augmentation(train_config.augment)
     seed_everything(train_config.seed)  # reproducible initial weights
     model = build_mask_rcnn(model_config)
     history = train(model, model_config, train_set, val_set, train_config, out_dir, class_names=class_names,

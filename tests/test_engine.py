@@ -31,6 +31,7 @@ from mrcnn_edu.engine import (Stage, TrainConfig, TrainingDiverged, apply_stage,
                               load_checkpoint, lr_factor, lr_schedule, make_loader, seed_everything,
                               set_train_mode, three_stage_schedule, train, validation_loss)
 from mrcnn_edu.model import LOSS_KEYS, build_mask_rcnn  # noqa: E402
+from mrcnn_edu.oil_tanks import masks_to_boxes  # noqa: E402
 from mrcnn_edu.utils import UserError  # noqa: E402
 from mrcnn_edu.weights import load_weights  # noqa: E402
 
@@ -108,19 +109,27 @@ def test_train_config_errors_name_the_field(data, field):
     assert isinstance(error.value, UserError)
 
 
-def test_augment_names_become_the_training_sets_transforms(tmp_path):
-    from mrcnn_edu.data import Compose, RandomRotate90, ShapesDataset
+def test_augment_names_are_applied_to_training_items():
+    from mrcnn_edu.data import ShapesDataset
 
-    config = engine.load_train_config(None, augment="flip, rot90", epochs=1)
-    assert config.augment == ("flip", "rot90") and TrainConfig.from_json(config.to_json()) == config
+    config = engine.load_train_config(None, augment="hflip, rot90", epochs=1)
+    assert config.augment == ("hflip", "rot90") and TrainConfig.from_json(config.to_json()) == config
     assert engine.load_train_config(None, augment="").augment == ()
-    train_set = ShapesDataset(2, size=64, seed=0)
-    engine.build_and_train(CFG, train_set, None, dataclasses.replace(config, batch_size=2), tmp_path, progress=False)
-    assert isinstance(train_set.transforms, Compose)
-    assert [type(t).__name__ for t in train_set.transforms.transforms] == [
-        "RandomHorizontalFlip", "RandomVerticalFlip", RandomRotate90.__name__]
-    with pytest.raises(UserError, match="already has transforms"):
-        engine.build_and_train(CFG, train_set, None, config, tmp_path / "again", progress=False)
+    train_set = ShapesDataset(8, size=64, seed=0)
+    plain = [train_set[i] for i in range(8)]
+    batches = list(engine.make_loader(train_set, dataclasses.replace(config, batch_size=8), epoch=0))
+    images, targets = batches[0]
+    indices = engine.epoch_indices(8, config.seed, 0)
+    changed = [not torch.equal(image, plain[i][0]) for image, i in zip(images, indices)]
+    assert any(changed)  # some items were flipped or turned ...
+    for image, target, i in zip(images, targets, indices):  # ... each into one of the 8 symmetries of its original
+        variants = [plain[i][0].flip(-1) if f else plain[i][0] for f in (0, 1)]
+        variants = [torch.rot90(v, k, dims=(-2, -1)) for v in variants for k in range(4)]
+        assert any(torch.equal(image, v) for v in variants)
+        assert torch.equal(target["boxes"], masks_to_boxes(target["masks"]))
+    again = list(engine.make_loader(train_set, dataclasses.replace(config, batch_size=8), epoch=0))[0][0]
+    assert all(torch.equal(a, b) for a, b in zip(images, again))  # seeded by (seed, epoch, index)
+    assert train_set.transforms is None  # the caller's data set is left as it is
 
 
 def test_three_stage_training_is_one_config():
