@@ -928,15 +928,9 @@ def plot_training_steps(history: Mapping):
 
 def machine_info() -> dict:
     """CPU model, cores, torch version and threads, Python, platform (as ``benchmarks/timing.py`` prints)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from mrcnn_edu.utils import cpu_name
+
+    cpu = cpu_name()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",

@@ -120,6 +120,18 @@ def weights_dir() -> Path:
     return data_dir() / "weights"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_report() -> dict[str, str]:
     """Versions, device, threads and paths, as shown by ``mrcnn-edu doctor`` and notebook 00."""
     import numpy
