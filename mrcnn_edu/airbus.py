@@ -600,7 +600,8 @@ def prepare_airbus(src: str | os.PathLike, out: str | os.PathLike, *, tile_size:
         The manifest (also written to ``out/manifest.json``).
     """
     import mrcnn_edu
-    from mrcnn_edu.data import _replace_dir, write_coco  # the same atomic rename as write_coco's
+    from mrcnn_edu.data import write_coco
+    from mrcnn_edu.utils import replace_dir  # the same atomic rename as write_coco's
     from tqdm.auto import tqdm
 
     src, out = Path(src), Path(out)
@@ -691,7 +692,7 @@ def prepare_airbus(src: str | os.PathLike, out: str | os.PathLike, *, tile_size:
             "split": {"train": train_ids, "val": val_ids},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

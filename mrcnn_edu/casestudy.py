@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrcnn_edu.utils import UserError, atomic_write_bytes, atomic_write_text, cache_dir, fast_mode, repo_root
+from mrcnn_edu.utils import (UserError, atomic_write_bytes, atomic_write_text, cache_dir, fast_mode, replace_dir,
+                             repo_root)
 
 TRAIN_SEED, VAL_SEED, SCENE_SEED = 1, 2, 3
 """Data-set seeds: training tiles, validation tiles (never used in training), held-out scenes."""
@@ -307,21 +308,10 @@ def cached_scenes(seed: int, n: int, size: int, progress: bool = True,
             "generator": "mrcnn_edu.oil_tanks.make_scene", "generator_version": GENERATOR_VERSION, "seed": seed,
             "n_scenes": n, "size": [size, size], "files": [image["file_name"] for image in images],
             "scene_seeds": "scene i uses mrcnn_edu.oil_tanks.tile_seed(seed, i)"}, indent=2), encoding="utf-8")
-        _replace_folder(tmp, folder)
+        replace_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, False
-
-
-def _replace_folder(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``; an old ``out`` is set aside first and removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(new, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_data(settings: CaseStudySettings, log: Callable[[str], None] = print) -> dict:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mrcnn_edu.oil_tanks import masks_to_boxes
-from mrcnn_edu.utils import UserError
+from mrcnn_edu.utils import UserError, replace_dir
 
 BACKGROUND = "__background__"
 BOX_TOLERANCE = 1.0  # px: a COCO bbox may stick out of its image by this much (rounding in tools)
@@ -784,7 +784,7 @@ def write_coco(out_dir: str | os.PathLike, items: Iterable[tuple[Tensor, dict, s
         (tmp / "annotations.json").write_text(_to_json(data, "annotations.json"), encoding="utf-8")
         if manifest is not None:
             (tmp / "manifest.json").write_text(_to_json(manifest, "manifest"), encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -864,22 +864,6 @@ def _to_json(data: Any, what: str) -> str:
         return json.dumps(data, default=default)
     except (TypeError, ValueError) as e:
         raise UserError(f"write_coco: {what} must be JSON-serialisable: {e}") from None
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Rename ``new`` to ``out``; an existing ``out`` is set aside first and removed only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ============================================================================================

@@ -860,6 +860,29 @@ def evaluate_pycocotools(coco_gt: Mapping, results: Sequence[Mapping], iou_type:
 # ----------------------------------------------------------------------------------------------
 
 
+def coco_result(image_id: int, label: int, box: Sequence[float], score: float,
+                label_to_category_id: Mapping[int, int] | None = None, segmentation: dict | None = None) -> dict:
+    """One detection as a COCO result dict (the format ``loadRes`` reads).
+
+    Args:
+        image_id (int): the COCO image id.
+        label (int): the model's label; ``label_to_category_id`` maps it to the COCO category id
+            (``None``: the same number).
+        box: ``(x1, y1, x2, y2)``, written as ``"bbox": [x, y, w, h]``.
+        segmentation (dict, optional): compressed RLE ``{"size": [H, W], "counts": str}``.
+    """
+    label = int(label)
+    if label_to_category_id is not None and label not in label_to_category_id:
+        raise UserError(f"label {label} has no COCO category id (known labels: {sorted(label_to_category_id)})")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    result = {"image_id": int(image_id),
+              "category_id": int(label if label_to_category_id is None else label_to_category_id[label]),
+              "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
+    if segmentation is not None:
+        result["segmentation"] = segmentation
+    return result
+
+
 def results_from_predictions(outputs: Sequence[Mapping[str, torch.Tensor]], image_ids: Sequence[int],
                              label_to_category_id: Mapping[int, int], mask_threshold: float = 0.5) -> list[dict]:
     """COCO results (JSON-serialisable) from the model's eval outputs.
@@ -891,16 +914,10 @@ def results_from_predictions(outputs: Sequence[Mapping[str, torch.Tensor]], imag
             # pycocotools wants (H, W, D) in Fortran order: (D, H, W) -> (H, W, D)
             rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if len(labels) else []
         for d, (label, score) in enumerate(zip(labels, scores)):
-            if int(label) not in label_to_category_id:
-                raise UserError(f"results_from_predictions: label {label} has no COCO category id "
-                                f"(known labels: {sorted(label_to_category_id)})")
-            x1, y1, x2, y2 = boxes[d].tolist()
-            result = {"image_id": int(image_id), "category_id": int(label_to_category_id[int(label)]),
-                      "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
-            if rles is not None:
-                result["segmentation"] = {"size": [int(s) for s in rles[d]["size"]],
-                                          "counts": rles[d]["counts"].decode("ascii")}
-            results.append(result)
+            segmentation = None if rles is None else {"size": [int(s) for s in rles[d]["size"]],
+                                                      "counts": rles[d]["counts"].decode("ascii")}
+            results.append(coco_result(image_id, label, boxes[d].tolist(), score, label_to_category_id,
+                                       segmentation))
     return results
 
 

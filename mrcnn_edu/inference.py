@@ -842,18 +842,12 @@ def coco_results(prediction: Mapping, image_id: int, file_name: str | None = Non
     """
     masks = prediction["masks"]
     rles = masks.to_rle() if isinstance(masks, InstanceMasks) else InstanceMasks.from_dense(masks).to_rle()
-    results = []
-    for (x1, y1, x2, y2), label, score, rle in zip(prediction["boxes"].double().tolist(),
-                                                   prediction["labels"].tolist(),
-                                                   prediction["scores"].tolist(), rles):
-        if label_to_category_id is not None and label not in label_to_category_id:
-            raise UserError(f"label {label} has no COCO category id (known: {sorted(label_to_category_id)})")
-        result = {} if file_name is None else {"file_name": file_name}
-        result.update(image_id=int(image_id),
-                      category_id=int(label if label_to_category_id is None else label_to_category_id[label]),
-                      bbox=[x1, y1, x2 - x1, y2 - y1], score=float(score), segmentation=rle)
-        results.append(result)
-    return results
+    from mrcnn_edu.evaluation import coco_result
+
+    head = {} if file_name is None else {"file_name": file_name}
+    return [{**head, **coco_result(image_id, label, box, score, label_to_category_id, rle)}
+            for box, label, score, rle in zip(prediction["boxes"].double().tolist(), prediction["labels"].tolist(),
+                                              prediction["scores"].tolist(), rles)]
 
 
 def write_results(path: str | os.PathLike, predictions_by_file: Mapping[str, Mapping],

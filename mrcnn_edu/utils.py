@@ -192,6 +192,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished folder ``new`` to ``out`` (atomic writes of whole folders).
+
+    An existing ``out`` is set aside first and removed only after the rename; if the rename
+    fails, it is put back, so ``out`` is always either the old or the new folder.
+    """
+    import shutil
+    import uuid
+
+    new, out = Path(new), Path(out)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def load_state_dict_checked(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """``module.load_state_dict(state_dict)``, but check everything first and explain mismatches."""
     expected = module.state_dict()
