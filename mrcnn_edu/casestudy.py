@@ -11,15 +11,16 @@ Shape shorthand:
 
 The steps, each a function (what a notebook calls) and each timed:
 
-1. :func:`prepare_data` -- synthetic tiles for training (seed 1) and validation (seed 2, a seed
-   training never sees) and held-out 2560 px scenes (seed 3), generated once and cached under
+1. :func:`prepare_data` -- synthetic tiles for training (seed 1), validation (seed 2: picks the
+   best epoch) and testing (seed 4: the final numbers; neither seed is ever trained on) and
+   held-out 2560 px scenes (seed 3), generated once and cached under
    ``utils.cache_dir()/oil_tanks/`` (re-used while the manifest matches: same generator
    version, seed, count and size).
-2. :func:`train_model` -- the original's three stages (heads only with the ResNet trunk frozen,
-   then all layers, then all layers at a fifth of the rate; ``configs/tanks_train.json``) on the
+2. :func:`train_model` -- the original's three stages (heads only with the backbone's trunk
+   frozen, then all layers, then all layers at a lower rate; ``configs/tanks_train.json``) on the
    ``small`` model (``configs/tanks_small.json``) with ``engine.build_and_train``: checkpoints and
    history in ``OUT/train/``, resumed automatically when interrupted, best epoch by mask AP.
-3. :func:`evaluate_validation` -- the chosen weights on every validation tile: COCO AP by
+3. :func:`evaluate_test` -- the chosen weights on every test tile: COCO AP by
    pycocotools *and* by our own evaluation (they must agree), the PR curve.
 4. :func:`predict_scenes` -- whole scenes through the tiled predictor
    (``inference.predict_image``), timed and scored against the scene ground truth.
@@ -29,8 +30,8 @@ The steps, each a function (what a notebook calls) and each timed:
 6. :func:`write_report` -- ``OUT/report.md``, ``OUT/metrics.json`` and ``OUT/figures/*.png``.
 
 :func:`run_casestudy` runs them all. ``fast=True`` (or ``MRCNN_EDU_FAST=1``) shrinks everything
-(16 training tiles of 128 px, 8 validation tiles, one 384 px scene, three one-epoch stages) so the
-whole pipeline runs in well under a minute: a smoke test, not a model.
+(16 training tiles of 128 px, 8 validation and 8 test tiles, one 384 px scene, three one-epoch
+stages) so the whole pipeline runs in well under a minute: a smoke test, not a model.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ import torch
 from mrcnn_edu.utils import (UserError, atomic_write_bytes, atomic_write_text, cache_dir, fast_mode, replace_dir,
                              repo_root)
 
-TRAIN_SEED, VAL_SEED, SCENE_SEED = 1, 2, 3
-"""Data-set seeds: training tiles, validation tiles (never used in training), held-out scenes."""
+TRAIN_SEED, VAL_SEED, SCENE_SEED, TEST_SEED = 1, 2, 3, 4
+"""Data-set seeds: training tiles; validation tiles (choose the best epoch); held-out scenes; test
+tiles (the reported numbers: neither trained on nor used to choose anything)."""
 
 FAST_VAL_IMAGES, FAST_DETECTIONS = 4, 20
 """Fast mode: validation tiles per epoch during training, and detections per image the model keeps."""
@@ -68,15 +70,15 @@ SCORE_THRESHOLD = 0.5
 SWEEP_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 """Score thresholds of the threshold sweep (0.99: the original's choice)."""
 
-TARGETS = {"val_mask_AP50": 0.95, "val_mask_AP": 0.70, "fill_mae_pp": 10.0, "scene_seconds": 60.0,
-           "total_minutes": 25.0}
+TARGETS = {"test_mask_AP50": 0.95, "test_mask_AP": 0.70, "fill_mae_pp": 10.0, "scene_seconds": 60.0,
+           "total_minutes": 25.0, "shipped_AP50_gap": 0.03}
 """The issue's acceptance numbers, checked in the report (meaningless in fast mode)."""
 
 FIGURES = {
     "training_curves": "train and validation loss per epoch, stages shaded; validation AP per epoch",
     "training_steps": "loss terms per step",
-    "pr_curve": "precision-recall curve of the masks on the validation tiles",
-    "examples": "example predictions on validation tiles",
+    "pr_curve": "precision-recall curve of the masks on the test tiles",
+    "examples": "example predictions on test tiles",
     "scene_overlay": "a held-out scene with its detections",
     "recall_by_size": "recall by tank size",
     "leakage": "mask leakage: predicted pixels outside the true disc",
@@ -101,13 +103,14 @@ class CaseStudySettings:
     ``configs/tanks_train.json``). In fast mode the train config's stages are cut to one epoch
     each, and the model's input size follows the tile size (``transform.min_size = tile_size``).
     ``weights``: evaluate these weights instead of training. ``save_weights``: copy the trained
-    weights there (with a card holding the command, data seeds and validation metrics).
+    weights there (with a card holding the command, data seeds and test metrics).
     """
 
     out_dir: Path = Path("runs/casestudy")
     fast: bool = False
     train_tiles: int = 1600
-    val_tiles: int = 200
+    val_tiles: int = 100
+    test_tiles: int = 200
     scenes: int = 2
     tile_size: int = 256
     scene_size: int = 2560
@@ -129,8 +132,8 @@ class CaseStudySettings:
         fast = fast_mode() if fast is None else bool(fast)
         values: dict[str, Any] = {}
         if fast:
-            values.update(train_tiles=16, val_tiles=8, scenes=1, tile_size=128, scene_size=384, scene_overlap=32,
-                          examples=4)
+            values.update(train_tiles=16, val_tiles=8, test_tiles=8, scenes=1, tile_size=128, scene_size=384,
+                          scene_overlap=32, examples=4)
         values.update({key: value for key, value in overrides.items() if value is not None})
         root = repo_root() or Path.cwd()
         values.setdefault("model_config", root / "configs" / "tanks_small.json")
@@ -144,7 +147,7 @@ class CaseStudySettings:
 
     def check(self) -> None:
         """Refuse settings that cannot work, before any data is generated (one clear UserError)."""
-        for name in ("train_tiles", "val_tiles", "scenes", "batch_size"):
+        for name in ("train_tiles", "val_tiles", "test_tiles", "scenes", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"{name.replace('_', '-')}: expected a whole number >= 1, got {value!r}")
@@ -184,7 +187,7 @@ class CaseStudy:
     settings: CaseStudySettings
     data: dict | None = None
     training: dict | None = None
-    validation: dict | None = None
+    test: dict | None = None
     scenes: dict | None = None
     errors: dict | None = None
     fill: dict | None = None
@@ -315,15 +318,16 @@ def cached_scenes(seed: int, n: int, size: int, progress: bool = True,
 
 
 def prepare_data(settings: CaseStudySettings, log: Callable[[str], None] = print) -> dict:
-    """Step 1: the training tiles, the validation tiles and the held-out scenes (cached).
+    """Step 1: the training, validation and test tiles and the held-out scenes (cached).
 
     Returns:
-        ``{"train": {...}, "val": {...}, "scenes": {...}}``, each with ``folder``, ``seed``,
-        ``count``, ``size``, ``tanks`` and ``reused`` (True when taken from the cache).
+        ``{"train": {...}, "val": {...}, "test": {...}, "scenes": {...}}``, each with ``folder``,
+        ``seed``, ``count``, ``size``, ``tanks`` and ``reused`` (True when taken from the cache).
     """
     s = settings
     out: dict[str, Any] = {}
-    for name, seed, n in (("train", TRAIN_SEED, s.train_tiles), ("val", VAL_SEED, s.val_tiles)):
+    for name, seed, n in (("train", TRAIN_SEED, s.train_tiles), ("val", VAL_SEED, s.val_tiles),
+                          ("test", TEST_SEED, s.test_tiles)):
         folder, reused = cached_tiles(seed, n, s.tile_size, s.progress, log)
         out[name] = {"folder": str(folder), "seed": seed, "count": n, "size": s.tile_size, "reused": reused,
                      "tanks": _count_annotations(folder)}
@@ -417,7 +421,7 @@ def _describe_data(entry: Mapping, kind: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Step 3: evaluation on the validation tiles
+# Step 3: evaluation on the test tiles
 # ----------------------------------------------------------------------------------------------
 
 
@@ -437,8 +441,11 @@ def predict_dataset(model, dataset, batch_size: int = 4, progress: bool = True) 
     return outputs, image_ids
 
 
-def evaluate_validation(settings: CaseStudySettings, model, data: dict, log: Callable[[str], None] = print) -> dict:
-    """Step 3: COCO box and mask AP of ``model`` on every validation tile, by pycocotools and by ours.
+def evaluate_test(settings: CaseStudySettings, model, data: dict, log: Callable[[str], None] = print) -> dict:
+    """Step 3: COCO box and mask AP of ``model`` on every test tile, by pycocotools and by ours.
+
+    The test tiles (seed 4) were neither trained on nor used to choose the epoch (that was the
+    validation tiles' job), so these numbers are not tuned to them.
 
     Returns:
         ``{"pycocotools": {"segm", "bbox"}, "ours": {...}, "max_difference", "results" (COCO
@@ -448,7 +455,7 @@ def evaluate_validation(settings: CaseStudySettings, model, data: dict, log: Cal
     from mrcnn_edu import evaluation
     from mrcnn_edu.data import CocoDataset
 
-    dataset = CocoDataset(data["val"]["folder"])
+    dataset = CocoDataset(data["test"]["folder"])
     started = time.perf_counter()
     outputs, image_ids = predict_dataset(model, dataset, settings.batch_size, settings.progress)
     seconds = time.perf_counter() - started
@@ -467,7 +474,7 @@ def evaluate_validation(settings: CaseStudySettings, model, data: dict, log: Cal
             continue
         curves[f"{iou:.2f}"] = {key: np.asarray(curve[key]).tolist() for key in ("recall", "precision", "scores")}
         curves[f"{iou:.2f}"]["ap"] = float(curve["ap"])
-    log(f"  {len(dataset)} validation tiles in {seconds:.1f} s; COCO by pycocotools (our evaluation agrees to "
+    log(f"  {len(dataset)} test tiles in {seconds:.1f} s; COCO by pycocotools (our evaluation agrees to "
         f"{difference:.1e}):")
     log(evaluation.format_table(pycoco))
     return {"pycocotools": pycoco, "ours": ours, "max_difference": difference, "results": results,
@@ -475,12 +482,12 @@ def evaluate_validation(settings: CaseStudySettings, model, data: dict, log: Cal
             "seconds_per_tile": seconds / max(1, len(dataset))}
 
 
-def save_shipped_weights(settings: CaseStudySettings, training: dict, validation: dict, data: dict,
+def save_shipped_weights(settings: CaseStudySettings, training: dict, test: dict, data: dict,
                          log: Callable[[str], None] = print) -> Path:
     """Copy the trained (best) weights to ``settings.save_weights`` with a card for the shipped file.
 
     The card keeps the training card (config, train config, epoch metrics) and adds the command
-    that rebuilds it, the data seeds and the pycocotools metrics on the validation tiles.
+    that rebuilds it, the data seeds and the pycocotools metrics on the test tiles.
     """
     from mrcnn_edu.weights import load_weights, save_weights
 
@@ -492,8 +499,9 @@ def save_shipped_weights(settings: CaseStudySettings, training: dict, validation
     card.update({
         "command": "make weights  (= " + (settings.command or "mrcnn-edu casestudy --save-weights ...") + ")",
         "data": {"train": _describe_data(data["train"], "tiles"), "validation": _describe_data(data["val"], "tiles"),
-                 "train_seed": TRAIN_SEED, "val_seed": VAL_SEED},
-        "validation_pycocotools": {t: dict(m) for t, m in validation["pycocotools"].items()},
+                 "test": _describe_data(data["test"], "tiles"), "train_seed": TRAIN_SEED, "val_seed": VAL_SEED,
+                 "test_seed": TEST_SEED},
+        "test_pycocotools": {t: dict(m) for t, m in test["pycocotools"].items()},
         "made_by": "mrcnn_edu.casestudy (make weights)",
     })
     card.pop("provisional", None)
@@ -637,9 +645,9 @@ def _as_figure(obj):
     return plt.gcf()
 
 
-def analyse_errors(settings: CaseStudySettings, data: dict, validation: dict,
+def analyse_errors(settings: CaseStudySettings, data: dict, test: dict,
                    log: Callable[[str], None] = print) -> dict:
-    """Step 5a: error analysis on the validation tiles at score 0.5 (``mrcnn_edu.error_analysis``).
+    """Step 5a: error analysis on the test tiles at score 0.5 (``mrcnn_edu.error_analysis``).
 
     Returns ``{"available": bool, "summary": dict, "table": str, "sweep": rows, "figures": {name: Figure}}``.
     """
@@ -649,13 +657,13 @@ def analyse_errors(settings: CaseStudySettings, data: dict, validation: dict,
     if module is None:
         log("  mrcnn_edu.error_analysis is not available: error analysis skipped")
         return {"available": False, "figures": {}}
-    coco_gt, results = validation["coco_gt"], validation["results"]
+    coco_gt, results = test["coco_gt"], test["results"]
     report = module.analyse(coco_gt, results, iou_threshold=0.5, score_threshold=SCORE_THRESHOLD)
     if hasattr(report, "threshold_sweep"):  # from the report's own matching: no second matching
         sweep = report.threshold_sweep(list(SWEEP_THRESHOLDS))
     else:
         sweep = module.threshold_sweep(coco_gt, results, thresholds=list(SWEEP_THRESHOLDS), iou_threshold=0.5)
-    images = LazyImages(CocoDataset(data["val"]["folder"]))
+    images = LazyImages(CocoDataset(data["test"]["folder"]))
     figures = {"recall_by_size": _as_figure(module.plot_recall_by_size(report)),
                "threshold_sweep": _as_figure(module.plot_threshold_sweep(sweep, mark=(SCORE_THRESHOLD, 0.99))),
                "leakage": _as_figure(module.plot_leakage(report))}
@@ -667,9 +675,9 @@ def analyse_errors(settings: CaseStudySettings, data: dict, validation: dict,
             "sweep": _jsonable(sweep), "figures": figures}
 
 
-def estimate_fill_levels(settings: CaseStudySettings, data: dict, validation: dict,
+def estimate_fill_levels(settings: CaseStudySettings, data: dict, test: dict,
                          log: Callable[[str], None] = print) -> dict:
-    """Step 5b: fill level of the floating-roof tanks of the validation tiles (``mrcnn_edu.fill_level``).
+    """Step 5b: fill level of the floating-roof tanks of the test tiles (``mrcnn_edu.fill_level``).
 
     ``fill_level.evaluate_fill`` on the tiles that hold floating roofs, with the *predicted* masks
     matched to the true tanks (:func:`matched_masks`; a tank without a matching detection gets an
@@ -686,7 +694,7 @@ def estimate_fill_levels(settings: CaseStudySettings, data: dict, validation: di
     if module is None or not hasattr(module, "evaluate_fill"):
         log("  mrcnn_edu.fill_level is not available: fill-level estimation skipped")
         return {"available": False, "figures": {}}
-    items, masks, image_ids, matched = matched_masks(data, validation, floating_only=True)
+    items, masks, image_ids, matched = matched_masks(data, test, floating_only=True)
     predicted = module.evaluate_fill(items, masks=masks)
     truth = module.evaluate_fill(items)
     rows = predicted["rows"]
@@ -715,8 +723,8 @@ def estimate_fill_levels(settings: CaseStudySettings, data: dict, validation: di
     return result
 
 
-def matched_masks(data: dict, validation: dict, floating_only: bool = True):
-    """The validation tiles with the predicted mask that matches each true tank.
+def matched_masks(data: dict, test: dict, floating_only: bool = True):
+    """The test tiles with the predicted mask that matches each true tank.
 
     A detection matches a tank when it scores >= :data:`SCORE_THRESHOLD` and its mask overlaps the
     tank's disc with IoU >= 0.5 (then no other tank can match it: true discs do not overlap).
@@ -734,9 +742,9 @@ def matched_masks(data: dict, validation: dict, floating_only: bool = True):
     def rle(segmentation: Mapping) -> dict:  # counts as bytes, as pycocotools wants them
         return {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
 
-    dataset = CocoDataset(data["val"]["folder"])
+    dataset = CocoDataset(data["test"]["folder"])
     detections: dict[int, list[dict]] = {}
-    for result in validation["results"]:
+    for result in test["results"]:
         if result["score"] >= SCORE_THRESHOLD:
             detections.setdefault(result["image_id"], []).append(result)
     items, masks, image_ids, matched = [], [], [], []
@@ -867,20 +875,20 @@ def plot_pr_curves(curves: Mapping):
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("masks on the validation tiles", fontsize=10)
+    ax.set_title("masks on the test tiles", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def plot_examples(data: dict, validation: dict, count: int = 8):
-    """The first ``count`` validation tiles: detections >= 0.5 drawn, with tank and detection counts."""
+def plot_examples(data: dict, test: dict, count: int = 8):
+    """The first ``count`` test tiles: detections >= 0.5 drawn, with tank and detection counts."""
     import matplotlib.pyplot as plt
 
     from mrcnn_edu import viz
     from mrcnn_edu.data import CocoDataset, decode_segmentation
     from mrcnn_edu.inference import InstanceMasks, draw_prediction
 
-    dataset = CocoDataset(data["val"]["folder"])
+    dataset = CocoDataset(data["test"]["folder"])
     count = max(1, min(count, len(dataset)))
     columns = min(4, count)
     rows = math.ceil(count / columns)
@@ -890,7 +898,7 @@ def plot_examples(data: dict, validation: dict, count: int = 8):
     for i, ax in zip(range(count), axes.flat):
         image, target = dataset.load(i)
         h, w = image.shape[-2:]
-        found = [r for r in validation["results"]
+        found = [r for r in test["results"]
                  if r["image_id"] == target["image_id"] and r["score"] >= SCORE_THRESHOLD]
         masks = torch.stack([decode_segmentation(r["segmentation"], h, w) for r in found]) if found else \
             torch.zeros(0, h, w, dtype=torch.uint8)
@@ -902,7 +910,7 @@ def plot_examples(data: dict, validation: dict, count: int = 8):
         ax.imshow(draw_prediction(image, prediction, ["__background__", "tank"], line_width=1))
         viz.outline_masks(ax, target["masks"], colors=["white"] * len(target["masks"]), linewidth=0.8, halo=None)
         ax.set_title(f"{len(target['labels'])} tanks, {len(found)} detections", fontsize=9)
-    fig.suptitle(f"validation tiles: detections scoring >= {SCORE_THRESHOLD} (coloured), true tanks outlined in white",
+    fig.suptitle(f"test tiles: detections scoring >= {SCORE_THRESHOLD} (coloured), true tanks outlined in white",
                  fontsize=10)
     fig.tight_layout()
     return fig
@@ -933,6 +941,32 @@ def machine_line(info: Mapping | None = None) -> str:
             f"Python {info['python']}, {info['platform']}, device {info['device']}")
 
 
+def shipped_test_metrics(settings: CaseStudySettings) -> dict | None:
+    """Mask AP metrics (pycocotools) on the test tiles from the shipped tank weights' card, or None.
+
+    None when the card is missing, was made on other test data (seed, count or tile size), or
+    when this run evaluates (or writes) the shipped file itself.
+    """
+    from mrcnn_edu.weights import read_card
+
+    root = repo_root() or Path.cwd()
+    path = root / "data" / "weights" / "tanks_small.safetensors"
+    if settings.fast or not path.is_file():
+        return None
+    for mine in (settings.weights, settings.save_weights):
+        if mine is not None and Path(mine).resolve() == path.resolve():
+            return None
+    try:
+        card = read_card(path)
+    except UserError:
+        return None
+    data, metrics = card.get("data", {}), card.get("test_pycocotools", {}).get("segm")
+    wanted = f"{settings.test_tiles} synthetic tiles of {settings.tile_size} px"
+    if not metrics or data.get("test_seed") != TEST_SEED or not str(data.get("test", "")).startswith(wanted):
+        return None
+    return dict(metrics)
+
+
 def acceptance(study: CaseStudy) -> list[dict]:
     """The issue's acceptance numbers for this run: ``{"check", "target", "value", "passed"}`` rows."""
     rows = []
@@ -940,12 +974,19 @@ def acceptance(study: CaseStudy) -> list[dict]:
     def add(check: str, target: str, value, passed) -> None:
         rows.append({"check": check, "target": target, "value": value, "passed": passed})
 
-    if study.validation is not None:
-        segm = study.validation["pycocotools"]["segm"]
-        add("validation mask AP50 (pycocotools)", f">= {TARGETS['val_mask_AP50']}", round(segm["AP50"], 4),
-            segm["AP50"] >= TARGETS["val_mask_AP50"])
-        add("validation mask AP@[.5:.95] (pycocotools)", f">= {TARGETS['val_mask_AP']}", round(segm["AP"], 4),
-            segm["AP"] >= TARGETS["val_mask_AP"])
+    if study.test is not None:
+        segm = study.test["pycocotools"]["segm"]
+        # the issue sets these two for the shipped weights (make weights); the case study's shorter
+        # schedule must land within TARGETS["shipped_AP50_gap"] of their AP50 (the row after)
+        add("test mask AP50 (pycocotools; target of the shipped weights)", f">= {TARGETS['test_mask_AP50']}",
+            round(segm["AP50"], 4), segm["AP50"] >= TARGETS["test_mask_AP50"])
+        add("test mask AP@[.5:.95] (pycocotools; target of the shipped weights)", f">= {TARGETS['test_mask_AP']}",
+            round(segm["AP"], 4), segm["AP"] >= TARGETS["test_mask_AP"])
+        shipped = shipped_test_metrics(study.settings)
+        if shipped is not None:
+            gap = shipped["AP50"] - segm["AP50"]
+            add(f"mask AP50 below the shipped weights' {shipped['AP50']:.4f}", f"<= {TARGETS['shipped_AP50_gap']}",
+                round(gap, 4), gap <= TARGETS["shipped_AP50_gap"])
     for key, what in (("mae", "predicted masks"), ("mae_true_masks", "true masks")):
         if study.fill is not None and study.fill.get(key) is not None:
             mae = 100 * study.fill[key]
@@ -962,7 +1003,7 @@ def acceptance(study: CaseStudy) -> list[dict]:
 
 
 def build_metrics(study: CaseStudy) -> dict:
-    """``metrics.json``: settings, data, training, validation, scenes, error analysis, fill level, timing, machine."""
+    """``metrics.json``: settings, data, training, test, scenes, error analysis, fill level, timing, machine."""
     s = study.settings
     metrics: dict[str, Any] = {
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -980,9 +1021,9 @@ def build_metrics(study: CaseStudy) -> dict:
                                                      "best_metric_name", "steps", "steps_per_epoch", "epochs",
                                                      "train_seconds", "train_config")}
         metrics["training"]["epochs_table"] = t.get("history", {}).get("epochs", [])
-    if study.validation is not None:
-        v = study.validation
-        metrics["validation"] = {"images": v["images"], "pycocotools": v["pycocotools"], "ours": v["ours"],
+    if study.test is not None:
+        v = study.test
+        metrics["test"] = {"images": v["images"], "pycocotools": v["pycocotools"], "ours": v["ours"],
                                  "max_difference": v["max_difference"], "seconds_per_tile": v["seconds_per_tile"],
                                  "pr_ap": {iou: c["ap"] for iou, c in v["pr_curves"].items()}}
     if study.scenes is not None:
@@ -1020,10 +1061,10 @@ def write_report(study: CaseStudy, log: Callable[[str], None] = print) -> dict[s
     if study.training is not None and study.training.get("history"):
         save("training_curves", lambda: plot_training(study.training["history"]))
         save("training_steps", lambda: plot_training_steps(study.training["history"]))
-    if study.validation is not None:
-        if study.validation["pr_curves"]:
-            save("pr_curve", lambda: plot_pr_curves(study.validation["pr_curves"]))
-        save("examples", lambda: plot_examples(study.data, study.validation, s.examples))
+    if study.test is not None:
+        if study.test["pr_curves"]:
+            save("pr_curve", lambda: plot_pr_curves(study.test["pr_curves"]))
+        save("examples", lambda: plot_examples(study.data, study.test, s.examples))
     if study.scenes is not None and study.scenes.get("_thumbnail") is not None:
         thumbnail = study.scenes["_thumbnail"].copy()
         thumbnail.thumbnail((1024, 1024))
@@ -1087,8 +1128,9 @@ def render_report(study: CaseStudy, metrics: Mapping, figures: Mapping[str, Path
         rows = [{"set": name, "seed": d["seed"], "count": d["count"], "size (px)": d["size"], "tanks": d["tanks"],
                  "from cache": "yes" if d["reused"] else "generated now", "folder": f"`{d['folder']}`"}
                 for name, d in study.data.items()]
-        md.append("Synthetic ~1.2 m/pixel tiles and scenes from `mrcnn_edu.oil_tanks` (the validation seed and the "
-                  "scene seed are never used in training).\n\n" + _table(rows))
+        md.append("Synthetic ~1.2 m/pixel tiles and scenes from `mrcnn_edu.oil_tanks`. Training sees only the train "
+                  "seed; the validation tiles choose the best epoch; the test tiles and the scenes give the numbers "
+                  "below and choose nothing.\n\n" + _table(rows))
 
     md.append("\n## 2. Training\n")
     t = study.training
@@ -1116,10 +1158,10 @@ def render_report(study: CaseStudy, metrics: Mapping, figures: Mapping[str, Path
                                                      "segm_AP", "segm_AP50", "bbox_AP50", "seconds")
                                          if any(c in row for row in epochs)]))
 
-    md.append("\n## 3. Validation tiles: COCO AP\n")
-    v = study.validation
+    md.append("\n## 3. Test tiles: COCO AP\n")
+    v = study.test
     if v is not None:
-        md.append(f"{v['images']} validation tiles (seed {VAL_SEED}); by pycocotools (our own evaluation, "
+        md.append(f"{v['images']} test tiles (seed {TEST_SEED}); by pycocotools (our own evaluation, "
                   f"`mrcnn_edu.evaluation`, agrees to {v['max_difference']:.1e}); "
                   f"{1000 * v['seconds_per_tile']:.0f} ms per tile.\n\n```\n{format_table(v['pycocotools'])}\n```\n\n")
         md.append(_figure_md(figures, "pr_curve", out) + "\n" + _figure_md(figures, "examples", out))
@@ -1159,7 +1201,7 @@ def render_report(study: CaseStudy, metrics: Mapping, figures: Mapping[str, Path
         true_mae = f"{100 * f['mae_true_masks']:.1f}" if f.get("mae_true_masks") is not None else "n/a"
         md.append(f"Fill level = 1 - (crescent width / ground-shadow length), measured along the sun's direction "
                   f"(`mrcnn_edu.fill_level`) on the *predicted* mask of the detection matching each floating roof "
-                  f"(score >= {SCORE_THRESHOLD}, mask IoU >= 0.5), on the validation tiles.\n\n"
+                  f"(score >= {SCORE_THRESHOLD}, mask IoU >= 0.5), on the test tiles.\n\n"
                   f"Mean absolute error **{mae}** over {f['n']} reliable estimates. Of {f['floating']} floating "
                   f"roofs, {f['missed']} had no matching detection and {f['unreliable']} were flagged unreliable by "
                   f"the estimator (shadow cut by the tile border or another tank, roof all in shadow, ...). With the "
@@ -1183,7 +1225,8 @@ def render_report(study: CaseStudy, metrics: Mapping, figures: Mapping[str, Path
 
 
 def run_casestudy(out_dir: str | os.PathLike = "runs/casestudy", fast: bool | None = None,
-                  train_tiles: int | None = None, val_tiles: int | None = None, scenes: int | None = None,
+                  train_tiles: int | None = None, val_tiles: int | None = None, test_tiles: int | None = None,
+                  scenes: int | None = None,
                   weights: str | os.PathLike | None = None, save_weights: str | os.PathLike | None = None,
                   progress: bool = True, restart: bool = False, model_config: str | os.PathLike | None = None,
                   train_config: str | os.PathLike | None = None, command: str | None = None) -> CaseStudy:
@@ -1192,7 +1235,7 @@ def run_casestudy(out_dir: str | os.PathLike = "runs/casestudy", fast: bool | No
     Args:
         out_dir: the run's folder (``train/``, ``scenes/``, ``figures/``, the report).
         fast: tiny everything (default: ``MRCNN_EDU_FAST``).
-        train_tiles, val_tiles, scenes: data sizes (defaults 1600, 200, 2; fast 16, 8, 1).
+        train_tiles, val_tiles, test_tiles, scenes: data sizes (defaults 1600, 100, 200, 2; fast 16, 8, 8, 1).
         weights: evaluate these weights instead of training.
         save_weights: also write the trained weights here with a card (``make weights``).
         progress: tqdm bars and one line per epoch.
@@ -1205,9 +1248,9 @@ def run_casestudy(out_dir: str | os.PathLike = "runs/casestudy", fast: bool | No
         The :class:`CaseStudy` with every step's outcome (``study.seconds``: wall time per step).
     """
     settings = CaseStudySettings.create(out_dir, fast=fast, train_tiles=train_tiles, val_tiles=val_tiles,
-                                        scenes=scenes, weights=weights, save_weights=save_weights, progress=progress,
-                                        restart=restart, model_config=model_config, train_config=train_config,
-                                        command=command)
+                                        test_tiles=test_tiles, scenes=scenes, weights=weights,
+                                        save_weights=save_weights, progress=progress, restart=restart,
+                                        model_config=model_config, train_config=train_config, command=command)
     study = CaseStudy(settings)
     log = _logger(study.log_lines)
     s = settings
@@ -1233,15 +1276,15 @@ def run_casestudy(out_dir: str | os.PathLike = "runs/casestudy", fast: bool | No
     from mrcnn_edu.weights import load_weights
 
     model, _card = load_weights(weights_path, device="cuda" if torch.cuda.is_available() else "cpu")
-    study.validation = step("evaluate", f"evaluation of {weights_path} on the validation tiles",
-                            lambda: evaluate_validation(s, model, study.data, log))
+    study.test = step("evaluate", f"evaluation of {weights_path} on the test tiles",
+                      lambda: evaluate_test(s, model, study.data, log))
     if s.save_weights is not None:
-        save_shipped_weights(s, study.training, study.validation, study.data, log)
+        save_shipped_weights(s, study.training, study.test, study.data, log)
     study.scenes = step("scenes", "scene-scale inference", lambda: predict_scenes(s, model, study.data, log))
 
     def analysis():
-        study.errors = analyse_errors(s, study.data, study.validation, log)
-        study.fill = estimate_fill_levels(s, study.data, study.validation, log)
+        study.errors = analyse_errors(s, study.data, study.test, log)
+        study.fill = estimate_fill_levels(s, study.data, study.test, log)
 
     step("analysis", "error analysis and fill level", analysis)
     step("report", "report", lambda: write_report(study, log))

@@ -564,7 +564,10 @@ def register_casestudy(subparsers) -> None:
     p.add_argument("--train-tiles", metavar="N", type=_positive_count, default=None,
                    help="training tiles (default: 1600; fast: 16)")
     p.add_argument("--val-tiles", metavar="N", type=_positive_count, default=None,
-                   help="validation tiles, a seed training never uses (default: 200; fast: 8)")
+                   help="validation tiles that choose the best epoch, a seed training never uses (default: 100; "
+                        "fast: 8)")
+    p.add_argument("--test-tiles", metavar="N", type=_positive_count, default=None,
+                   help="test tiles for the reported numbers, another unused seed (default: 200; fast: 8)")
     p.add_argument("--scenes", metavar="N", type=_positive_count, default=None,
                    help="held-out scenes for tiled inference (default: 2 of 2560 px; fast: 1 of 384 px)")
     p.add_argument("--weights", metavar="W", type=Path, default=None,
@@ -589,8 +592,8 @@ def run_casestudy(args: argparse.Namespace) -> int:
 
     command = shlex.join([PROG, "casestudy", *_casestudy_options(args)])
     casestudy.run_casestudy(args.out, fast=True if args.fast else None, train_tiles=args.train_tiles,
-                            val_tiles=args.val_tiles, scenes=args.scenes, weights=args.weights,
-                            save_weights=args.save_weights, progress=not args.quiet, restart=args.restart,
+                            val_tiles=args.val_tiles, test_tiles=args.test_tiles, scenes=args.scenes,
+                            weights=args.weights, save_weights=args.save_weights, progress=not args.quiet, restart=args.restart,
                             model_config=args.model_config, train_config=args.train_config, command=command)
     return EXIT_OK
 
@@ -598,7 +601,8 @@ def run_casestudy(args: argparse.Namespace) -> int:
 def _casestudy_options(args: argparse.Namespace) -> list[str]:
     """The command line's options, normalised (for the report and the weights card)."""
     words = ["--out", str(args.out)] + (["--fast"] if args.fast else [])
-    for name in ("train_tiles", "val_tiles", "scenes", "weights", "save_weights", "model_config", "train_config"):
+    for name in ("train_tiles", "val_tiles", "test_tiles", "scenes", "weights", "save_weights", "model_config",
+                 "train_config"):
         if getattr(args, name) is not None:
             words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return words + [flag for flag in ("--restart", "--quiet") if getattr(args, flag[2:])]

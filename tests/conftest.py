@@ -22,8 +22,11 @@ os.environ["TORCH_HOME"] = str(_TORCH_HOME)
 os.environ["MRCNN_EDU_FAST"] = "1"
 # No front-end: explorers draw once instead of running ipywidgets.interact (see viz.batch_mode).
 os.environ["MRCNN_EDU_BATCH"] = "1"
-# Generated data goes to a per-run cache so tests never see a developer's cache.
-os.environ.setdefault("MRCNN_EDU_CACHE", tempfile.mkdtemp(prefix="mrcnn_edu_cache_"))
+# Generated data goes to a per-run cache so tests never see a developer's cache (removed at the end).
+_OWN_CACHE = None
+if "MRCNN_EDU_CACHE" not in os.environ:
+    _OWN_CACHE = Path(tempfile.mkdtemp(prefix="mrcnn_edu_cache_"))
+    os.environ["MRCNN_EDU_CACHE"] = str(_OWN_CACHE)
 # Two cores: keep each process (and each notebook kernel) from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -40,3 +43,5 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nERROR: files appeared in TORCH_HOME during the tests: {leftovers[:5]}")
         session.exitstatus = 1
     shutil.rmtree(_TORCH_HOME, ignore_errors=True)
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

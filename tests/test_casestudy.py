@@ -68,9 +68,10 @@ def test_fast_run_writes_every_output(runs):
 def test_metrics_have_the_expected_keys_and_values(runs):
     m = metrics_of(runs["first"])
     assert m["fast"] is True
-    assert {key: m["data"][key]["count"] for key in ("train", "val", "scenes")} == {"train": 16, "val": 8, "scenes": 1}
-    assert m["data"]["train"]["seed"] != m["data"]["val"]["seed"] != m["data"]["scenes"]["seed"]
-    assert all(m["data"][key]["tanks"] > 0 for key in ("train", "val"))
+    assert ({key: m["data"][key]["count"] for key in ("train", "val", "test", "scenes")}
+            == {"train": 16, "val": 8, "test": 8, "scenes": 1})
+    assert len({m["data"][key]["seed"] for key in ("train", "val", "test", "scenes")}) == 4
+    assert all(m["data"][key]["tanks"] > 0 for key in ("train", "val", "test"))
     training = m["training"]
     assert training["skipped"] is False
     assert training["steps"] == 3 * 4  # three one-epoch stages of 16 tiles in batches of 4
@@ -78,11 +79,11 @@ def test_metrics_have_the_expected_keys_and_values(runs):
     assert training["best_epoch"] in (1, 2, 3)
     for source in ("pycocotools", "ours"):
         for iou_type in ("segm", "bbox"):
-            values = m["validation"][source][iou_type]
+            values = m["test"][source][iou_type]
             assert set(values) == set(METRIC_KEYS)
             assert all(v == -1 or 0 <= v <= 1 for v in values.values())
-    assert m["validation"]["max_difference"] < 1e-6
-    assert m["validation"]["images"] == 8
+    assert m["test"]["max_difference"] < 1e-6
+    assert m["test"]["images"] == 8
     scenes = m["scenes"]
     assert len(scenes["rows"]) == 1 and scenes["rows"][0]["seconds"] > 0 and scenes["rows"][0]["tiles"] > 1
     assert set(scenes["metrics"]) == {"segm", "bbox"} and "ARmax" in scenes["metrics"]["segm"]
@@ -93,13 +94,13 @@ def test_metrics_have_the_expected_keys_and_values(runs):
     assert any("mask AP50" in check for check in checks) and any("wall time" in check for check in checks)
     if casestudy._optional("error_analysis") is not None:
         summary = m["error_analysis"]["summary"]
-        assert summary["num_gt"] == m["data"]["val"]["tanks"]
+        assert summary["num_gt"] == m["data"]["test"]["tanks"]
         assert [row["threshold"] for row in m["error_analysis"]["sweep"]] == list(casestudy.SWEEP_THRESHOLDS)
     else:
         assert m["error_analysis"]["available"] is False
     if casestudy._optional("fill_level") is not None:
         fill = m["fill_level"]
-        gt = json.loads((Path(m["data"]["val"]["folder"]) / "annotations.json").read_text())
+        gt = json.loads((Path(m["data"]["test"]["folder"]) / "annotations.json").read_text())
         floating = sum(a["roof"] == "floating" for a in gt["annotations"])
         assert fill["available"] is True and fill["floating"] == floating > 0
         assert fill["n"] + fill["missed"] + fill["unreliable"] == floating
@@ -119,26 +120,26 @@ def test_report_references_every_figure_and_only_existing_ones(runs):
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (first / link).is_file(), link
     metrics = metrics_of(first)
-    assert f"{metrics['validation']['pycocotools']['segm']['AP50']:.3f}" in report  # the COCO table
+    assert f"{metrics['test']['pycocotools']['segm']['AP50']:.3f}" in report  # the COCO table
     assert "## 7. Time per step" in report and "FAST MODE" in report
 
 
 def test_second_run_reuses_the_cached_data(runs):
     log2 = runs["logs"][1]
     assert "generating" not in log2
-    assert log2.count("reusing cached") == 3
-    assert len(runs["data_files"]) == 3  # train tiles, validation tiles, scenes
+    assert log2.count("reusing cached") == 4
+    assert len(runs["data_files"]) == 4  # train, validation and test tiles, scenes
     assert {path: path.stat().st_mtime_ns for path in runs["data_files"]} == runs["mtimes"]
     m = metrics_of(runs["second"])
-    assert all(m["data"][key]["reused"] for key in ("train", "val", "scenes"))
-    assert not any(metrics_of(runs["first"])["data"][key]["reused"] for key in ("train", "val", "scenes"))
+    assert all(m["data"][key]["reused"] for key in ("train", "val", "test", "scenes"))
+    assert not any(metrics_of(runs["first"])["data"][key]["reused"] for key in ("train", "val", "test", "scenes"))
 
 
 def test_given_weights_skip_training_and_reproduce_the_metrics(runs):
     first, second = metrics_of(runs["first"]), metrics_of(runs["second"])
     assert second["training"]["skipped"] is True and not (runs["second"] / "train").exists()
     # the saved weights are the trained run's best ones: same data, same numbers
-    assert second["validation"]["pycocotools"] == first["validation"]["pycocotools"]
+    assert second["test"]["pycocotools"] == first["test"]["pycocotools"]
     assert "Skipped: evaluating the given weights" in (runs["second"] / "report.md").read_text(encoding="utf-8")
 
 
@@ -152,7 +153,8 @@ def test_saved_weights_carry_a_card(runs):
     assert card["class_names"] == ["__background__", "oil-storage-tank"]
     assert "casestudy" in card["command"] and "--save-weights" in card["command"]
     assert card["data"]["train_seed"] == casestudy.TRAIN_SEED and card["data"]["val_seed"] == casestudy.VAL_SEED
-    assert card["validation_pycocotools"]["segm"] == metrics_of(runs["first"])["validation"]["pycocotools"]["segm"]
+    assert card["data"]["test_seed"] == casestudy.TEST_SEED
+    assert card["test_pycocotools"]["segm"] == metrics_of(runs["first"])["test"]["pycocotools"]["segm"]
     assert card["train_config"]["stages"][0]["trainable"] == "heads"
 
 
