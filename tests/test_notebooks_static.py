@@ -42,6 +42,18 @@ def test_no_outputs_committed(path: Path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=IDS)
+def test_cells_have_unique_ids(path: Path):
+    """nbformat >= 4.5 wants an id on every cell (a missing one is a warning now, an error later)."""
+    nb = _load(path)
+    if (nb["nbformat"], nb["nbformat_minor"]) < (4, 5):
+        return
+    ids = [cell.get("id") for cell in nb["cells"]]
+    missing = [i for i, cell_id in enumerate(ids) if not cell_id]
+    assert not missing, f"{path.name}: cells {missing} have no id (nbformat.validator.normalize adds them)"
+    assert len(set(ids)) == len(ids), f"{path.name}: duplicate cell ids"
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=IDS)
 def test_kernel_and_no_path_hacks(path: Path):
     nb = _load(path)
     assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", f"{path.name}: kernelspec must be python3"
