@@ -65,8 +65,8 @@ How it is measured
 
 1. **Where is the tank?** The far edge of the roof (bright roof -> dark ground shadow) is where
    the brightness falls fastest along the sun's direction: the image fixes it to a fraction of a
-   pixel. A detector's mask is less trustworthy: it often leaves the dark crescent out, so its
-   centroid and area are biased away from the sun. :func:`tank_circle` treats the mask as what it
+   pixel. A detector's mask is less trustworthy: it may leave (part of) the dark crescent out,
+   which biases its centroid and area away from the sun. :func:`tank_circle` treats the mask as what it
    then is, the lit roof -- a *lens*, the disc ∩ the disc shifted by ``s`` -- whose length ``a``
    along the sun and width ``w`` across it give the radius ``r = (w² + a²) / (4 a)`` (exact for a
    lens and for a whole disc); the centre lies ``r`` from the far edge. (Tanks cut by the image
@@ -566,8 +566,8 @@ def _refine_radius(gray, cx, cy, radius, azimuth, occluders) -> float:
 def tank_circle(gray: np.ndarray, mask: np.ndarray, azimuth: float, occluders=None) -> tuple[float, float, float]:
     """The tank's circle ``(cx, cy, r)`` from its mask Bool[H, W] and the image ``gray`` Float[H, W].
 
-    A detector tends to leave the dark crescent out of a floating roof's mask (it looks like
-    ground), so the mask's centroid and area are biased *away from the sun* and too small. Seen
+    A detector may leave (part of) the dark crescent out of a floating roof's mask (it looks like
+    ground); then the mask's centroid and area are biased *away from the sun* and too small. Seen
     along the sun's direction ``u``, such a mask is the lit roof: a *lens*, the disc minus the
     crescent = the disc ∩ the disc shifted by ``s`` away from the sun. Its length along ``u`` is
     ``a = 2r - s`` and its width across is ``w = 2 sqrt(r² - s²/4)``; eliminating ``s``::
