@@ -307,7 +307,7 @@ def _success_summary(got: Any, expected: Any, exact: bool) -> str:
         return f"all {len(expected)} entries match" if len(expected) != 1 else "the entry matches"
     if isinstance(expected, (list, tuple)) and not _is_flat_exact_seq(expected):
         return f"all {len(expected)} items match" if len(expected) != 1 else "the item matches"
-    text = repr(got)
+    text = repr(got.item() if isinstance(got, np.generic) else got)  # 0.8, not np.float64(0.8)
     return f"{text if len(text) <= 80 else text[:77] + '...'} is correct"
 
 

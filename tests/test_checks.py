@@ -31,6 +31,11 @@ def test_success_prints_one_tick_line(capsys):
     assert "(3, 4)" in out
 
 
+def test_success_shows_numpy_scalars_as_plain_numbers(capsys):
+    check_close(np.float64(0.8), 0.8, name="fill", atol=1e-6)
+    assert capsys.readouterr().out.strip() == "✔ fill: 0.8 is correct"
+
+
 def test_wrong_type():
     text = feedback(check_close, [1.0, 2.0], torch.tensor([1.0, 2.0]), name="boxes")
     assert text.startswith("✘ boxes:")
