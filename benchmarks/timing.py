@@ -7,7 +7,6 @@ and the ratio ours / torchvision (below 1 means we are faster).
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -52,13 +51,9 @@ def single_thread(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def machine_line() -> str:
-    import os
+    from mrcnn_edu.utils import machine_line as line
 
-    from mrcnn_edu.utils import cpu_name
-
-    cpu = cpu_name()
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    return line(short=True)
 
 
 def run_cases(cases: list[Case]) -> list[dict]:

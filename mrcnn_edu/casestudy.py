@@ -42,7 +42,6 @@ import io
 import json
 import math
 import os
-import platform
 import shutil
 import time
 import uuid
@@ -54,8 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrcnn_edu.utils import (UserError, atomic_write_bytes, atomic_write_text, cache_dir, fast_mode, replace_dir,
-                             repo_root)
+from mrcnn_edu.utils import (UserError, atomic_write_bytes, atomic_write_text, cache_dir, fast_mode, machine_info,
+                             machine_line, replace_dir, repo_root, weights_dir)
 
 TRAIN_SEED, VAL_SEED, SCENE_SEED, TEST_SEED = 1, 2, 3, 4
 """Data-set seeds: training tiles; validation tiles (choose the best epoch); held-out scenes; test
@@ -924,23 +923,6 @@ def plot_training_steps(history: Mapping):
     return viz.plot_training_curves(steps, history.get("epochs", []), smooth=max(1, min(20, len(steps) // 10)))
 
 
-def machine_info() -> dict:
-    """CPU model, cores, torch version and threads, Python, platform (as ``benchmarks/timing.py`` prints)."""
-    from mrcnn_edu.utils import cpu_name
-
-    cpu = cpu_name()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
-            "device": device}
-
-
-def machine_line(info: Mapping | None = None) -> str:
-    info = machine_info() if info is None else info
-    return (f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
-            f"Python {info['python']}, {info['platform']}, device {info['device']}")
-
-
 def shipped_test_metrics(settings: CaseStudySettings) -> dict | None:
     """Mask AP metrics (pycocotools) on the test tiles from the shipped tank weights' card, or None.
 
@@ -949,8 +931,7 @@ def shipped_test_metrics(settings: CaseStudySettings) -> dict | None:
     """
     from mrcnn_edu.weights import read_card
 
-    root = repo_root() or Path.cwd()
-    path = root / "data" / "weights" / "tanks_small.safetensors"
+    path = weights_dir() / "tanks_small.safetensors"
     if settings.fast or not path.is_file():
         return None
     for mine in (settings.weights, settings.save_weights):

@@ -487,10 +487,11 @@ def _estimate(gray, mask, azimuth, occluders, max_shadow_px, shared_sun=None) ->
     """One tank. ``shared_sun`` = (shadow length in px per metre of prior height, shadow / ground
     brightness, metres per pixel) from the other tanks of the image, used when this tank's own
     shadow can't be measured."""
-    cx, cy, radius, _ = mask_circle(mask)
+    circle = mask_circle(mask)
+    cx, cy, radius, _ = circle
     if radius < 2.0:
         return FillEstimate(math.nan, math.nan, math.nan, False, "mask too small (radius < 2 px)", "", cx, cy, radius)
-    cx, cy, radius = tank_circle(gray, mask, azimuth, occluders)
+    cx, cy, radius = tank_circle(gray, mask, azimuth, occluders, circle)
     prof = tank_profiles(gray, cx, cy, radius, azimuth, occluders, max_shadow_px)
 
     source = "tank"
@@ -563,7 +564,8 @@ def _refine_radius(gray, cx, cy, radius, azimuth, occluders) -> float:
     return radius + offset
 
 
-def tank_circle(gray: np.ndarray, mask: np.ndarray, azimuth: float, occluders=None) -> tuple[float, float, float]:
+def tank_circle(gray: np.ndarray, mask: np.ndarray, azimuth: float, occluders=None,
+                circle: tuple[float, float, float, bool] | None = None) -> tuple[float, float, float]:
     """The tank's circle ``(cx, cy, r)`` from its mask Bool[H, W] and the image ``gray`` Float[H, W].
 
     A detector may leave (part of) the dark crescent out of a floating roof's mask (it looks like
@@ -578,8 +580,9 @@ def tank_circle(gray: np.ndarray, mask: np.ndarray, azimuth: float, occluders=No
     the far edge, found in the image (bright roof -> dark ground shadow, :func:`_refine_radius`),
     to the mask's sun-side extent. The centre lies ``r`` from the far edge. A tank cut by the
     image border keeps :func:`mask_circle`'s circle, its radius corrected at the far edge.
+    ``circle``: ``mask_circle(mask)`` if the caller has it already.
     """
-    cx, cy, radius, touches = mask_circle(mask)
+    cx, cy, radius, touches = mask_circle(mask) if circle is None else circle
     far = _refine_radius(gray, cx, cy, radius, azimuth, occluders)  # centre -> far edge, from the image
     if touches:
         return cx, cy, far

@@ -132,6 +132,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_info() -> dict:
+    """CPU model, cores, torch version and threads, Python, platform and device: what a timing depends on."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": f"{platform.system()} {platform.machine()}",
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def machine_line(info: Mapping | None = None, short: bool = False) -> str:
+    """:func:`machine_info` (or a saved copy of it) in one line; ``short`` leaves out platform and device."""
+    info = machine_info() if info is None else info
+    line = (f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
+            f"Python {info['python']}")
+    return line if short else f"{line}, {info['platform']}, device {info['device']}"
+
+
 def environment_report() -> dict[str, str]:
     """Versions, device, threads and paths, as shown by ``mrcnn-edu doctor`` and notebook 00."""
     import numpy

@@ -179,12 +179,10 @@ def test_fill_error_with_masks_that_leave_out_the_crescent(tiles):
     assert lens["mae"] <= 0.10
     # the circle comes from the lens geometry and the far edge, not the mask's centroid and area:
     # taking the lens for the disc would put the sun-side edge at the crescent's inner edge (s ~ 0)
-    tile = next(t for t in tiles for k in t.tanks if k.roof == "floating"
-                and 0 < k.cx - 2 * k.radius and k.cx + 2 * k.radius < 256 and 0 < k.cy - 2 * k.radius
-                and k.cy + 2 * k.radius < 256 and oil_tanks.crescent_width(k.fill, k.height, t.sun) > 3)
-    i = next(i for i, k in enumerate(tile.tanks) if k.roof == "floating" and k.cx - 2 * k.radius > 0
-             and k.cx + 2 * k.radius < 256 and 0 < k.cy - 2 * k.radius and k.cy + 2 * k.radius < 256
-             and oil_tanks.crescent_width(k.fill, k.height, tile.sun) > 3)
+    # a floating roof well inside its tile (shadows and all) with a crescent over 3 px wide
+    tile, i = next((t, i) for t in tiles for i, k in enumerate(t.tanks) if k.roof == "floating"
+                   and 2 * k.radius < min(k.cx, k.cy) and max(k.cx, k.cy) + 2 * k.radius < 256
+                   and oil_tanks.crescent_width(k.fill, k.height, t.sun) > 3)
     tank, mask = tile.tanks[i], lit_roof_masks(tile)[i].numpy().astype(bool)
     cx, cy, r, _ = fl.mask_circle(mask)
     gray = fl.luminance(tile.image)
